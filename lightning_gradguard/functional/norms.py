@@ -1,0 +1,174 @@
+"""Gradient norms as device tensors, without host synchronisation.
+
+Per-tensor norms are computed with one ``torch._foreach_norm`` call per (device, dtype) group, in float32
+whatever the gradient dtype, and gathered into one vector in input order. The global norm is the norm of that
+vector. Sharded gradients (``DTensor`` under FSDP2) contribute their local shard; the partial results are reduced
+across the shard's process group with one collective per group, so every rank sees the full-tensor norms.
+
+Nothing here reads a value back to the host: no ``.item()``, no ``if tensor``, no ``nonzero``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from typing import Optional, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["as_local_tensor", "grad_norms", "total_norm", "validate_norm_type"]
+
+_NORM_DTYPE = torch.float32
+
+try:  # DTensor is public from torch 2.4 on
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - torch builds without distributed support
+    DTensor = None  # type: ignore[assignment,misc]
+
+
+def validate_norm_type(norm_type: Union[float, int, str], name: str = "norm_type") -> float:
+    """Return ``norm_type`` as a float, or raise a ``ValueError`` naming ``name``.
+
+    Accepted: any real ``p >= 1``, ``inf`` (``float("inf")`` or the string ``"inf"``).
+    """
+    if isinstance(norm_type, str):
+        if norm_type.lower() not in ("inf", "infinity"):
+            raise ValueError(f"Expected `{name}` to be a number >= 1 or 'inf' but got {norm_type!r}")
+        return math.inf
+    if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)):
+        raise TypeError(f"Expected `{name}` to be a number >= 1 or 'inf' but got {type(norm_type).__name__}")
+    p = float(norm_type)
+    if math.isnan(p) or p < 1:
+        raise ValueError(f"Expected `{name}` to be a number >= 1 or 'inf' but got {norm_type!r}")
+    return p
+
+
+def _is_dtensor(t: Tensor) -> bool:
+    return DTensor is not None and isinstance(t, DTensor)
+
+
+def as_local_tensor(t: Tensor) -> Tensor:
+    """The local shard of a ``DTensor``; any other tensor unchanged (a view: in-place ops write through)."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
+def _shard_groups(t: Tensor) -> tuple:
+    """Process groups over which a DTensor's local norms must be reduced (its sharded mesh dimensions)."""
+    if not _is_dtensor(t):
+        return ()
+    mesh = t.device_mesh
+    groups = []
+    for dim, placement in enumerate(t.placements):
+        if placement.is_shard() or placement.is_partial():
+            groups.append(mesh.get_group(dim) if mesh.ndim > 1 else mesh.get_group())
+    return tuple(groups)
+
+
+def _local_norms(tensors: Sequence[Tensor], p: float, out_device: torch.device) -> Tensor:
+    """Float32 vector of the norms of plain local tensors, one foreach call per (device, dtype) group."""
+    by_key: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        by_key[(t.device, t.dtype)].append(i)
+    if len(by_key) == 1:
+        ((device, dtype),) = by_key.keys()
+        norms = _foreach_norm_fp32(list(tensors), p)
+        return norms.to(out_device, non_blocking=True)
+    out = torch.empty(len(tensors), dtype=_NORM_DTYPE, device=out_device)
+    for (device, dtype), idx in by_key.items():
+        norms = _foreach_norm_fp32([tensors[i] for i in idx], p)
+        index = torch.tensor(idx, device=out_device)
+        out.index_copy_(0, index, norms.to(out_device, non_blocking=True))
+    return out
+
+
+def _foreach_norm_fp32(tensors: list[Tensor], p: float) -> Tensor:
+    if tensors[0].dtype in (torch.float64,):
+        # keep double precision through the norm, report float32 like every other dtype
+        return torch.stack(torch._foreach_norm(tensors, p)).to(_NORM_DTYPE)
+    try:
+        norms = torch._foreach_norm(tensors, p, dtype=_NORM_DTYPE)
+    except TypeError:  # pragma: no cover - torch < 2.3 has no dtype argument
+        norms = torch._foreach_norm([t.float() for t in tensors], p)
+    return torch.stack(norms)
+
+
+def grad_norms(
+    tensors: Iterable[Optional[Tensor]],
+    norm_type: Union[float, int, str] = 2.0,
+    *,
+    device: Optional[torch.device] = None,
+) -> tuple[Tensor, Tensor]:
+    """Per-tensor norms and the global norm of a list of tensors (usually gradients), as device tensors.
+
+    Args:
+        tensors: gradients (or any tensors). ``None`` entries are skipped: the returned vector has one entry per
+            tensor that is not ``None``, in input order. ``DTensor`` entries contribute their local shard and are
+            reduced over their sharded mesh dimensions, so the result is the full-tensor norm on every rank.
+        norm_type: ``p`` of the p-norm, any ``p >= 1`` or ``inf``.
+        device: where the result lives; defaults to the device of the first tensor.
+
+    Returns:
+        ``(per_tensor, total)``: a float32 vector of per-tensor norms and a float32 scalar, the norm of all
+        tensors together. Both are zero-sized / zero for an empty input.
+
+    Example::
+
+        >>> import torch
+        >>> per_tensor, total = grad_norms([torch.ones(3), torch.ones(2, 2)])
+        >>> per_tensor
+        tensor([1.7321, 2.0000])
+        >>> total
+        tensor(2.6458)
+    """
+    p = validate_norm_type(norm_type)
+    items = [t for t in tensors if t is not None]
+    if not items:
+        dev = device if device is not None else torch.device("cpu")
+        return torch.zeros(0, dtype=_NORM_DTYPE, device=dev), torch.zeros((), dtype=_NORM_DTYPE, device=dev)
+    local = [as_local_tensor(t) for t in items]
+    out_device = device if device is not None else local[0].device
+    norms = _local_norms(local, p, out_device)
+    if any(_is_dtensor(t) for t in items):
+        norms = _reduce_sharded(items, norms, p)
+    return norms, _norm_of_norms(norms, p)
+
+
+def _reduce_sharded(items: Sequence[Tensor], norms: Tensor, p: float) -> Tensor:
+    """Turn local-shard norms into full-tensor norms: one all-reduce per distinct set of process groups."""
+    import torch.distributed as dist
+
+    by_groups: dict[tuple, list[int]] = defaultdict(list)
+    for i, t in enumerate(items):
+        groups = _shard_groups(t)
+        if groups:
+            by_groups[groups].append(i)
+    if not by_groups:
+        return norms
+    if math.isinf(p):
+        reduced = norms.clone()
+        for groups, idx in by_groups.items():
+            index = torch.tensor(idx, device=norms.device)
+            part = reduced.index_select(0, index)
+            for group in groups:
+                dist.all_reduce(part, op=dist.ReduceOp.MAX, group=group)
+            reduced.index_copy_(0, index, part)
+        return reduced
+    powered = norms.pow(p)
+    for groups, idx in by_groups.items():
+        index = torch.tensor(idx, device=norms.device)
+        part = powered.index_select(0, index)
+        for group in groups:
+            dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
+        powered.index_copy_(0, index, part)
+    return powered.pow(1.0 / p)
+
+
+def _norm_of_norms(norms: Tensor, p: float) -> Tensor:
+    return torch.linalg.vector_norm(norms, p)
+
+
+def total_norm(tensors: Iterable[Optional[Tensor]], norm_type: Union[float, int, str] = 2.0) -> Tensor:
+    """The global norm of ``tensors`` as a float32 device tensor (see :func:`grad_norms`)."""
+    return grad_norms(tensors, norm_type)[1]

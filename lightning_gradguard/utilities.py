@@ -1,0 +1,73 @@
+"""Host-synchronisation accounting.
+
+Every device-to-host read in PyTorch lowers to one of a few aten ops: ``_local_scalar_dense`` (``.item()``,
+``float(t)``, ``bool(t)``, ``if t:``), ``nonzero`` (``nonzero``, ``masked_select``, boolean indexing) or a copy
+to the CPU (``.cpu()``, ``.to("cpu")``). :class:`HostSyncCounter` counts them inside a block of code, so a test on
+the CPU proves that the same code would not stall a GPU.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["HostSyncCounter", "host_read"]
+
+_aten = torch.ops.aten
+_SYNC_OPS = {
+    _aten._local_scalar_dense.default: "_local_scalar_dense",
+    _aten.nonzero.default: "nonzero",
+    _aten.nonzero_static.default: "nonzero",
+    _aten.masked_select.default: "nonzero",
+}
+
+
+def _is_host_copy(func: Any, kwargs: dict) -> bool:
+    if func is _aten._to_copy.default:
+        device = kwargs.get("device")
+        return device is not None and torch.device(device).type == "cpu"
+    return False
+
+
+class HostSyncCounter(TorchDispatchMode):
+    """Count host synchronisations (``_local_scalar_dense``, ``nonzero``, copies to the CPU) inside a block.
+
+    Example::
+
+        >>> import torch
+        >>> with HostSyncCounter() as counter:
+        ...     _ = torch.ones(3).sum().item()
+        >>> counter.total
+        1
+        >>> dict(counter.counts)
+        {'_local_scalar_dense': 1}
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        name = _SYNC_OPS.get(func)
+        if name is not None:
+            self.counts[name] += 1
+        elif _is_host_copy(func, kwargs):
+            self.counts["to_cpu"] += 1
+        return func(*args, **kwargs)
+
+
+def host_read(values: torch.Tensor) -> list:
+    """The one deliberate device-to-host read of a flush: copy ``values`` to the CPU and return it as a list.
+
+    The explicit copy (rather than ``.tolist()`` on the device tensor) makes the read visible to
+    :class:`HostSyncCounter` on every device, the CPU included.
+    """
+    return values.to("cpu", copy=True).tolist()
