@@ -1,7 +1,7 @@
 """Host-synchronisation accounting.
 
 Every device-to-host read in PyTorch lowers to one of a few aten ops: ``_local_scalar_dense`` (``.item()``,
-``float(t)``, ``bool(t)``, ``if t:``), ``nonzero`` (``nonzero``, ``masked_select``, boolean indexing) or a copy
+``float(t)``, ``bool(t)``, ``if t:``), ``nonzero`` (``nonzero``, ``masked_select``, indexing with a boolean mask) or a copy
 to the CPU (``.cpu()``, ``.to("cpu")``). :class:`HostSyncCounter` counts them inside a block of code, so a test on
 the CPU proves that the same code would not stall a GPU.
 """
@@ -23,6 +23,16 @@ _SYNC_OPS = {
     _aten.nonzero_static.default: "nonzero",
     _aten.masked_select.default: "nonzero",
 }
+
+
+_BOOL_INDEX_OPS = {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default, _aten._index_put_impl_.default}
+
+
+def _is_boolean_index(func: Any, args: tuple) -> bool:
+    """``t[mask]`` and ``t[mask] = v`` with a boolean mask: the output size needs a ``nonzero`` on the host."""
+    if func not in _BOOL_INDEX_OPS or len(args) < 2:
+        return False
+    return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1] if i is not None)
 
 
 def _is_host_copy(func: Any, kwargs: dict) -> bool:
@@ -59,6 +69,8 @@ class HostSyncCounter(TorchDispatchMode):
         name = _SYNC_OPS.get(func)
         if name is not None:
             self.counts[name] += 1
+        elif _is_boolean_index(func, args):
+            self.counts["nonzero"] += 1
         elif _is_host_copy(func, kwargs):
             self.counts["to_cpu"] += 1
         return func(*args, **kwargs)

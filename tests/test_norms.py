@@ -1,0 +1,110 @@
+"""The norm engine: agreement with torch, dtypes, edge cases, no host sync."""
+
+import math
+
+import pytest
+import torch
+
+from lightning_gradguard import HostSyncCounter
+from lightning_gradguard.functional import grad_norms, total_norm, validate_norm_type
+
+SHAPES = [(7,), (3, 5), (2, 3, 4), (1,), (64, 33), (5, 1, 2, 2)]
+
+
+def _mixed_tensors(dtypes, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for i, shape in enumerate(SHAPES * 3):
+        dtype = dtypes[i % len(dtypes)]
+        out.append((torch.randn(shape, generator=gen) * (10.0 ** (i % 4 - 2))).to(dtype))
+    return out
+
+
+@pytest.mark.parametrize("norm_type", [1.0, 2.0, 3.5, math.inf])
+def test_agrees_with_torch_get_total_norm_fp32(norm_type):
+    tensors = _mixed_tensors([torch.float32])
+    per_tensor, total = grad_norms(tensors, norm_type)
+    expected_total = torch.nn.utils.get_total_norm(tensors, norm_type)
+    expected_each = torch.stack([torch.linalg.vector_norm(t, norm_type) for t in tensors])
+    torch.testing.assert_close(total, expected_total, rtol=1e-6, atol=0)
+    torch.testing.assert_close(per_tensor, expected_each, rtol=1e-6, atol=0)
+    assert per_tensor.dtype == total.dtype == torch.float32
+
+
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_mixed_dtypes_keep_input_order_and_use_fp32(norm_type):
+    tensors = _mixed_tensors([torch.float32, torch.float16, torch.bfloat16, torch.float64])
+    per_tensor, total = grad_norms(tensors, norm_type)
+    expected_each = torch.stack([torch.linalg.vector_norm(t.double(), norm_type) for t in tensors]).float()
+    # half-precision inputs are exact; only the fp32 accumulation differs from the double reference
+    torch.testing.assert_close(per_tensor, expected_each, rtol=1e-5, atol=0)
+    torch.testing.assert_close(total, torch.linalg.vector_norm(expected_each, norm_type), rtol=1e-5, atol=0)
+
+
+def test_half_precision_norm_does_not_overflow():
+    big = torch.full((1000,), 60000.0, dtype=torch.float16)  # the fp16 sum of squares would overflow
+    per_tensor, total = grad_norms([big])
+    assert torch.isfinite(total)
+    torch.testing.assert_close(total, torch.tensor(60000.0 * math.sqrt(1000)), rtol=1e-4, atol=0)
+
+
+def test_none_entries_are_skipped_and_empty_input_is_zero():
+    a, b = torch.ones(4), torch.ones(9)
+    per_tensor, total = grad_norms([None, a, None, b])
+    assert per_tensor.tolist() == [2.0, 3.0]
+    assert total.item() == pytest.approx(math.sqrt(13))
+    per_tensor, total = grad_norms([])
+    assert per_tensor.numel() == 0 and total.item() == 0.0
+    assert total_norm([None, None]).item() == 0.0
+
+
+def test_nonfinite_values_propagate_into_the_norm():
+    per_tensor, total = grad_norms([torch.tensor([1.0, float("nan")]), torch.ones(2)])
+    assert math.isnan(per_tensor[0].item()) and per_tensor[1].item() == pytest.approx(math.sqrt(2))
+    assert math.isnan(total.item())
+    assert math.isinf(total_norm([torch.tensor([float("inf")])]).item())
+
+
+@pytest.mark.parametrize("norm_type", [2.0, 1.0, math.inf])
+def test_no_host_sync(norm_type):
+    tensors = _mixed_tensors([torch.float32, torch.bfloat16])
+    with HostSyncCounter() as counter:
+        grad_norms(tensors, norm_type)
+        grad_norms([])
+    assert counter.total == 0, dict(counter.counts)
+
+
+def test_counter_sees_the_syncs_it_must_catch():
+    # the proof above only means something if the counter catches each kind of host read
+    t = torch.tensor([0.0, 1.0, 2.0])
+    with HostSyncCounter() as counter:
+        t.sum().item()
+        bool(t.any())
+        t.nonzero()
+        t[t > 0]
+        t.masked_select(t > 1)
+        t[t > 1] = 0.0
+        t.to("cpu", copy=True)
+    assert counter.counts["_local_scalar_dense"] == 2
+    assert counter.counts["nonzero"] == 4
+    assert counter.counts["to_cpu"] == 1
+
+
+@pytest.mark.parametrize(
+    ("value", "error", "match"),
+    [
+        (0.5, ValueError, r"Expected `norm_type` to be a number >= 1 or 'inf' but got 0.5"),
+        (float("nan"), ValueError, "norm_type"),
+        ("two", ValueError, "'two'"),
+        (None, TypeError, "NoneType"),
+        (True, TypeError, "bool"),
+    ],
+)
+def test_invalid_norm_type(value, error, match):
+    with pytest.raises(error, match=match):
+        validate_norm_type(value)
+
+
+def test_norm_type_strings_and_ints():
+    assert validate_norm_type("inf") == math.inf
+    assert validate_norm_type(2) == 2.0
