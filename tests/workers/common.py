@@ -100,7 +100,11 @@ class ShardableRegressor(L.LightningModule):
 
     def train_dataloader(self) -> Any:
         ds = torch.utils.data.TensorDataset(self.x, self.y)
-        return torch.utils.data.DataLoader(ds, batch_size=self.hparams.batch_size, shuffle=False)
+        sampler = None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            # unshuffled: the global batch k of N ranks is samples [k*N*B, (k+1)*N*B), as for one process with N*B
+            sampler = torch.utils.data.DistributedSampler(ds, shuffle=False)
+        return torch.utils.data.DataLoader(ds, batch_size=self.hparams.batch_size, sampler=sampler)
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.SGD(self.parameters(), lr=self.hparams.lr)

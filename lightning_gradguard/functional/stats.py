@@ -1,0 +1,195 @@
+"""Running statistics of a stream of scalars (gradient norms), kept on the device, never poisoned.
+
+Both classes take one value per step as a device tensor and update without a host read: no ``.item()``, no
+``if tensor``. A value that is NaN or Inf (or masked off by the caller) leaves the state exactly as it was, through
+``torch.where``, so one overflow step cannot turn a window or an EMA into NaN for the rest of the run.
+
+- :class:`RunningWindow`: the last ``length`` finite values, with quantiles (torch's ``linear`` and ``lower``
+  interpolation), mean and variance over what has been filled so far.
+- :class:`EmaMoments`: exponential moving mean and variance (the update order of ZClip), started from any
+  mean and variance the caller chooses (e.g. a warm-up window's).
+
+The state lives in plain tensors, ``state_dict`` / ``load_state_dict`` round-trip it, ``to(device)`` moves it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal, Optional, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["EmaMoments", "RunningWindow"]
+
+_DTYPE = torch.float32
+
+
+def _check_length(length: Any) -> int:
+    if isinstance(length, bool) or not isinstance(length, int) or length <= 0:
+        raise ValueError(f"Expected `length` to be a positive integer but got {length!r}")
+    return length
+
+
+def _keep(value: Tensor, mask: Optional[Tensor]) -> Tensor:
+    keep = torch.isfinite(value)
+    return keep if mask is None else keep & mask
+
+
+class RunningWindow:
+    """The last ``length`` finite values of a scalar stream, as a device ring buffer.
+
+    Empty slots hold NaN; statistics are taken over the filled slots only, and are NaN while the window is empty.
+
+    Args:
+        length: how many values the window keeps.
+        device: where the state lives.
+
+    Example::
+
+        >>> import torch
+        >>> window = RunningWindow(4)
+        >>> for v in [3.0, float("nan"), 1.0, 2.0]:
+        ...     _ = window.append(torch.tensor(v))
+        >>> window.size
+        tensor(3)
+        >>> window.quantile(0.9)
+        tensor(2.8000)
+        >>> window.median()
+        tensor(2.)
+    """
+
+    def __init__(self, length: int, device: Optional[Union[str, torch.device]] = None) -> None:
+        self.length = _check_length(length)
+        self.values = torch.full((length,), math.nan, dtype=_DTYPE, device=device)
+        self.count = torch.zeros((), dtype=torch.long, device=self.values.device)  # finite values ever appended
+
+    @property
+    def size(self) -> Tensor:
+        """How many slots are filled (a device tensor)."""
+        return self.count.clamp(max=self.length)
+
+    def append(self, value: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+        """Write ``value`` over the oldest slot when it is finite and ``mask`` (a device bool) allows.
+
+        Returns the device bool saying whether the value went in.
+        """
+        keep = _keep(value, mask)
+        pos = (self.count % self.length).reshape(1)
+        current = self.values.index_select(0, pos)
+        self.values.index_copy_(0, pos, torch.where(keep, value.to(_DTYPE).reshape(1), current))
+        self.count.add_(keep.to(torch.long))
+        return keep
+
+    def quantile(self, q: float, interpolation: Literal["linear", "lower"] = "linear") -> Tensor:
+        """The ``q``-quantile of the filled slots, computed like ``torch.quantile`` (NaN when empty).
+
+        ``torch.nanquantile`` would do, but it converts its rank through ``_to_copy`` calls that name the device
+        explicitly, which the CPU sync counter cannot tell from a host read; the same arithmetic is spelled out here.
+        """
+        ordered = torch.sort(self.values).values  # NaN (empty slots) sort last
+        n = self.size
+        rank = (n - 1).clamp(min=0).to(torch.float64) * q
+        below = rank.floor().to(torch.long).reshape(1)
+        if interpolation == "lower":
+            result = ordered.gather(0, below)
+        else:
+            above = rank.ceil().to(torch.long).reshape(1)
+            weight = (rank - rank.floor()).to(_DTYPE).reshape(1)
+            result = torch.lerp(ordered.gather(0, below), ordered.gather(0, above), weight)
+        return torch.where(n > 0, result.reshape(()), torch.full_like(result.reshape(()), math.nan))
+
+    def median(self) -> Tensor:
+        """The lower median of the filled slots (an actual sample, robust while fewer than half are outliers)."""
+        return self.quantile(0.5, interpolation="lower")
+
+    def mean(self) -> Tensor:
+        """Mean of the filled slots (NaN when empty)."""
+        return torch.nanmean(self.values)
+
+    def variance(self) -> Tensor:
+        """Population variance of the filled slots (NaN when empty)."""
+        return torch.nanmean((self.values - self.mean()) ** 2)
+
+    def to(self, device: Union[str, torch.device]) -> RunningWindow:
+        self.values = self.values.to(device)
+        self.count = self.count.to(device)
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"values": self.values.clone(), "count": self.count.clone()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        values = state_dict.get("values")
+        if values is not None:
+            if values.shape != self.values.shape:
+                raise ValueError(
+                    f"Expected a window of length {self.length} in the state dict but got {tuple(values.shape)}"
+                )
+            self.values = values.to(device=self.values.device, dtype=_DTYPE).clone()
+        count = state_dict.get("count")
+        if count is not None:
+            self.count = torch.as_tensor(count, dtype=torch.long).to(self.count.device).clone()
+
+
+class EmaMoments:
+    r"""Exponential moving mean and variance of a scalar stream.
+
+    ``mean <- alpha * mean + (1 - alpha) * x`` and then ``var <- alpha * var + (1 - alpha) * (x - mean)^2``
+    (with the *new* mean, the order of ZClip). Updates are ignored until :meth:`start` has set the moments.
+
+    Args:
+        alpha: weight of the past, in ``(0, 1)``.
+        device: where the state lives.
+
+    Example::
+
+        >>> import torch
+        >>> ema = EmaMoments(alpha=0.5)
+        >>> ema.start(torch.tensor(2.0), torch.tensor(1.0))
+        >>> ema.update(torch.tensor(4.0))
+        >>> ema.update(torch.tensor(float("inf")))  # ignored
+        >>> ema.mean, ema.var
+        (tensor(3.), tensor(1.))
+    """
+
+    def __init__(self, alpha: float, device: Optional[Union[str, torch.device]] = None) -> None:
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 < alpha < 1:
+            raise ValueError(f"Expected `alpha` to be a number in (0, 1) but got {alpha!r}")
+        self.alpha = float(alpha)
+        self.mean = torch.zeros((), dtype=_DTYPE, device=device)
+        self.var = torch.zeros((), dtype=_DTYPE, device=self.mean.device)
+        self.started = torch.zeros((), dtype=torch.bool, device=self.mean.device)
+
+    def start(self, mean: Tensor, var: Tensor, mask: Optional[Tensor] = None) -> None:
+        """Set the moments where ``mask`` allows (and both values are finite)."""
+        keep = _keep(mean, mask) & torch.isfinite(var)
+        self.mean = torch.where(keep, mean.to(_DTYPE), self.mean)
+        self.var = torch.where(keep, var.to(_DTYPE), self.var)
+        self.started = self.started | keep
+
+    def update(self, value: Tensor, mask: Optional[Tensor] = None) -> None:
+        """Fold ``value`` in, if the moments are started, ``value`` is finite and ``mask`` allows."""
+        keep = _keep(value, mask) & self.started
+        value = value.to(_DTYPE)
+        mean = self.alpha * self.mean + (1 - self.alpha) * value
+        var = self.alpha * self.var + (1 - self.alpha) * (value - mean) ** 2
+        self.mean = torch.where(keep, mean, self.mean)
+        self.var = torch.where(keep, var, self.var)
+
+    def zscore(self, value: Tensor, eps: float = 1e-6) -> Tensor:
+        """``(value - mean) / (std + eps)``."""
+        return (value - self.mean) / (self.var.sqrt() + eps)
+
+    def to(self, device: Union[str, torch.device]) -> EmaMoments:
+        self.mean, self.var, self.started = self.mean.to(device), self.var.to(device), self.started.to(device)
+        return self
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean.clone(), "var": self.var.clone(), "started": self.started.clone()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        device = self.mean.device
+        self.mean = torch.as_tensor(state_dict.get("mean", self.mean), dtype=_DTYPE).to(device).clone()
+        self.var = torch.as_tensor(state_dict.get("var", self.var), dtype=_DTYPE).to(device).clone()
+        self.started = torch.as_tensor(state_dict.get("started", self.started), dtype=torch.bool).to(device).clone()
