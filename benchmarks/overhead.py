@@ -1,0 +1,206 @@
+"""Per-step cost of gradguard's work against ``torch.nn.utils.clip_grad_norm_`` on the same gradients.
+
+Every case runs on the same gradients of one model (about 200 parameter tensors, a few million parameters),
+interleaved round by round in one process so that machine noise hits all cases alike; the gradients are restored
+(untimed) before every call. Printed: the median time per call and its ratio to ``clip_grad_norm_``.
+
+Also measured:
+- how close the norm computation comes to the memory limit: bytes read per second by the norm against a plain
+  ``copy_`` of the same bytes (which reads and writes them);
+- the whole-step overhead of ``GradientNormMonitor`` inside ``Trainer.fit`` (median step time with / without).
+
+Cases of other callbacks come from ``benchmarks/bench_*.py`` modules exposing ``cases(params)``.
+
+Usage::
+
+    python benchmarks/overhead.py            # full run (a few minutes on 2 CPU cores)
+    python benchmarks/overhead.py --quick    # small model, few rounds: checks that every case runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lightning_gradguard.callbacks._runtime import GradStep, Runtime  # noqa: E402
+from lightning_gradguard.callbacks.monitor import GradientNormMonitor  # noqa: E402
+from lightning_gradguard.functional.norms import grad_norms  # noqa: E402
+
+
+def make_model(blocks: int = 50, width: int = 256) -> nn.Module:
+    """``blocks`` x (Linear + LayerNorm): 4 tensors per block (200 for 50 blocks), ~3.3M parameters at width 256."""
+    layers: list[nn.Module] = []
+    for _ in range(blocks):
+        layers += [nn.Linear(width, width), nn.LayerNorm(width), nn.GELU()]
+    return nn.Sequential(*layers)
+
+
+def populate_grads(model: nn.Module, seed: int = 0) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    saved = []
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+        saved.append(p.grad.clone())
+    return saved
+
+
+def time_interleaved(
+    cases: dict[str, Callable[[], None]], restore: Callable[[], None], rounds: int, warmup: int = 3
+) -> dict[str, float]:
+    """Median seconds per call of each case; cases alternate within each round."""
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for r in range(warmup + rounds):
+        for name, fn in cases.items():
+            restore()
+            start = time.perf_counter()
+            fn()
+            elapsed = time.perf_counter() - start
+            if r >= warmup:
+                times[name].append(elapsed)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def monitor_case(params: list[nn.Parameter], names: list[str], flush_every: int = 50) -> Callable[[], None]:
+    """One step of the monitor's real work: gather, norms once, buffer; a flush (one host read) every 50 calls."""
+    runtime = Runtime()
+    runtime.writes_logs = True
+    monitor = GradientNormMonitor(layer_interval=flush_every)
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    counter = [0]
+
+    def run() -> None:
+        step = GradStep(runtime, counter[0], optimizer, 0, params, names, multi_optimizer=False)
+        monitor.process_step(None, None, step)  # type: ignore[arg-type]
+        counter[0] += 1
+        if counter[0] % flush_every == 0:
+            runtime.buffer.flush()
+
+    return run
+
+
+def load_extra_cases(params: list[nn.Parameter]) -> dict[str, Callable[[], None]]:
+    extra: dict[str, Callable[[], None]] = {}
+    for path in sorted(Path(__file__).parent.glob("bench_*.py")):
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+        spec.loader.exec_module(module)  # type: ignore[union-attr]
+        extra.update(module.cases(params))
+    return extra
+
+
+def kernel_benchmark(blocks: int, width: int, rounds: int) -> dict[str, float]:
+    model = make_model(blocks, width)
+    params = list(model.parameters())
+    names = [n for n, _ in model.named_parameters()]
+    saved = populate_grads(model)
+
+    def restore() -> None:
+        torch._foreach_copy_([p.grad for p in params], saved)
+
+    n_params = sum(p.numel() for p in params)
+    print(f"model: {len(params)} parameter tensors, {n_params / 1e6:.2f}M parameters, torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads")
+    cases: dict[str, Callable[[], None]] = {
+        "clip_grad_norm_ (baseline)": lambda: torch.nn.utils.clip_grad_norm_(params, 1.0),
+        "GradientNormMonitor step": monitor_case(params, names),
+        "grad_norms (norm engine)": lambda: grad_norms([p.grad for p in params]),
+    }
+    cases.update(load_extra_cases(params))
+    medians = time_interleaved(cases, restore, rounds)
+    base = medians["clip_grad_norm_ (baseline)"]
+    print(f"\n{'case':<44} {'median ms':>10} {'ratio':>7}")
+    for name, t in medians.items():
+        print(f"{name:<44} {t * 1e3:>10.3f} {t / base:>6.2f}x")
+
+    flat = torch.cat([g.reshape(-1) for g in saved])
+    dst = torch.empty_like(flat)
+    copy_med = time_interleaved({"copy": lambda: dst.copy_(flat)}, lambda: None, rounds)["copy"]
+    norm_bytes = flat.numel() * flat.element_size()
+    norm_bw = norm_bytes / medians["grad_norms (norm engine)"]
+    copy_bw = 2 * norm_bytes / copy_med  # a copy reads and writes every byte
+    print(f"\nmemory: norm reads {norm_bw / 1e9:.2f} GB/s; a plain copy of the same bytes moves {copy_bw / 1e9:.2f} GB/s "
+          f"(norm at {norm_bw / copy_bw:.0%} of copy bandwidth)")
+    return medians
+
+
+def fit_overhead(blocks: int, width: int, steps: int, repeats: int) -> float:
+    """Median optimizer-step wall time of ``Trainer.fit`` with and without the monitor, runs interleaved."""
+    import tempfile
+
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    class StepTimer(Callback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_train_batch_start(self, *args: object) -> None:
+            self.start = time.perf_counter()
+
+        def on_train_batch_end(self, *args: object) -> None:
+            self.times.append(time.perf_counter() - self.start)
+
+    class Regressor(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_model(blocks, width)
+
+        def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64 * steps, width, generator=gen), torch.randn(64 * steps, width, generator=gen)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+    per_step: dict[bool, list[float]] = {False: [], True: []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(repeats + 1):  # repeat 0 warms up (allocator, threads) and is not counted
+            for with_monitor in (False, True):
+                torch.manual_seed(0)
+                timer = StepTimer()
+                callbacks: list[Callback] = [timer] + ([GradientNormMonitor()] if with_monitor else [])
+                trainer = L.Trainer(
+                    max_steps=steps, accelerator="cpu", logger=TensorBoardLogger(tmp), callbacks=callbacks,
+                    enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                    log_every_n_steps=50,
+                )
+                trainer.fit(Regressor(), data)
+                if repeat:
+                    per_step[with_monitor].extend(timer.times[5:])
+    without, with_ = statistics.median(per_step[False]), statistics.median(per_step[True])
+    overhead = with_ / without - 1
+    print(f"\nTrainer.fit step: {without * 1e3:.2f} ms without, {with_ * 1e3:.2f} ms with GradientNormMonitor "
+          f"-> overhead {overhead:+.1%} (median of {len(per_step[True])} steps each)")
+    return overhead
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small model and few rounds (smoke run)")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--skip-fit", action="store_true", help="only the per-step kernels")
+    args = parser.parse_args()
+    blocks, width = (10, 64) if args.quick else (50, 256)
+    rounds = args.rounds or (5 if args.quick else 60)
+    kernel_benchmark(blocks, width, rounds)
+    if not args.skip_fit:
+        fit_overhead(blocks, width, steps=20 if args.quick else 150, repeats=1 if args.quick else 3)
+
+
+if __name__ == "__main__":
+    main()
