@@ -157,16 +157,16 @@ def summary_table(tally: Counter, skipped: int = 0, rewinds: int = 0) -> str:
 
         >>> from collections import Counter
         >>> print(summary_table(Counter({("nonfinite", "skipped"): 2, ("spike", "logged"): 1}), skipped=2))
-        kind        events  logged  skipped  rewound  raised  scaler_skipped
-        nonfinite        2       0        2        0       0               0
-        spike            1       1        0        0       0               0
+        kind       events  logged  skipped  rewound  raised  scaler_skipped
+        nonfinite       2       0        2        0       0               0
+        spike           1       1        0        0       0               0
         skipped steps: 2, rewinds: 0
     """
     kinds = [k for k in EVENT_KINDS if any(kind == k for kind, _ in tally)]
     if not kinds:
         return f"no explosion events; skipped steps: {skipped}, rewinds: {rewinds}"
     header = ["kind", "events", *ACTIONS]
-    rows = [[k, str(sum(n for (kind, _), n in tally.items() if kind == k))] + [str(tally[(k, a)]) for a in ACTIONS] for k in kinds]
+    rows = [[k, str(sum(tally[(k, a)] for a in ACTIONS)), *(str(tally[(k, a)]) for a in ACTIONS)] for k in kinds]
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:

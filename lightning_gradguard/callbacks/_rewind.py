@@ -32,7 +32,15 @@ SnapshotDevice = Literal["cpu", "same"]
 
 
 class TrainingSnapshot:
-    """Model, optimizer and LR-scheduler state of one moment of training, restorable in place."""
+    """Model, optimizer and LR-scheduler state of one moment of training, restorable in place.
+
+    Attributes:
+        step: the optimizer step the snapshot was taken at (``-1``: none yet).
+        lr_scale: the guard's cumulative learning-rate scale at that step.
+        seconds: host time of the last capture (from a GPU the copies are asynchronous: this is the time to
+            enqueue them; ``benchmarks/bench_guard.py`` measures capture and restore on the CPU).
+        nbytes: bytes held by the copies.
+    """
 
     def __init__(self, device: SnapshotDevice = "cpu") -> None:
         self.device = device
@@ -114,11 +122,9 @@ class TrainingSnapshot:
                 continue
             live = optimizer.state[p]
             for key, value in saved.items():
-                target = live.get(key)
-                if isinstance(value, Tensor) and isinstance(target, Tensor):
-                    as_local_tensor(target).copy_(value, non_blocking=True)
-                elif isinstance(value, Tensor):
-                    live[key] = value.to(p.device, copy=True)
+                # a state that existed at snapshot time still exists: optimizers never drop it
+                if isinstance(value, Tensor):
+                    as_local_tensor(live[key]).copy_(value, non_blocking=True)
                 else:
                     live[key] = copy.deepcopy(value)
         for group, saved_group in zip(optimizer.param_groups, groups):

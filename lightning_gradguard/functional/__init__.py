@@ -1,5 +1,50 @@
 """The math of lightning-gradguard as plain PyTorch functions (no Lightning import), for any training loop."""
 
+from lightning_gradguard.functional.clipping import (
+    ClipResult,
+    GradientClipper,
+    adagc_coefficients,
+    agc_coefficients,
+    clamp_,
+    clip_coefficient,
+    scale_,
+    unitwise_norms,
+    zscore_threshold,
+)
+from lightning_gradguard.functional.detection import SpikeCheck, SpikeDetector, spike_score, top_layers
 from lightning_gradguard.functional.norms import as_local_tensor, grad_norms, total_norm, validate_norm_type
+from lightning_gradguard.functional.quantization import (
+    GradientQuantizer,
+    QuantizationStats,
+    derive_seed,
+    levels_for_bits,
+    quantize,
+)
+from lightning_gradguard.functional.stats import EmaMoments, RunningWindow
 
-__all__ = ["as_local_tensor", "grad_norms", "total_norm", "validate_norm_type"]
+__all__ = [
+    "ClipResult",
+    "EmaMoments",
+    "GradientClipper",
+    "GradientQuantizer",
+    "QuantizationStats",
+    "RunningWindow",
+    "SpikeCheck",
+    "SpikeDetector",
+    "adagc_coefficients",
+    "agc_coefficients",
+    "as_local_tensor",
+    "clamp_",
+    "clip_coefficient",
+    "derive_seed",
+    "grad_norms",
+    "levels_for_bits",
+    "quantize",
+    "scale_",
+    "spike_score",
+    "top_layers",
+    "total_norm",
+    "unitwise_norms",
+    "validate_norm_type",
+    "zscore_threshold",
+]

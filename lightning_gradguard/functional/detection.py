@@ -1,7 +1,8 @@
 """Spike detection against robust running statistics, on the device, without host synchronisation.
 
-A series of scalars (the global gradient norm, the loss) is kept in a fixed-size window on the device. Each new
-value is scored against the statistics of the window *before* it enters:
+A series of scalars (the global gradient norm, the loss) is kept in a
+:class:`~lightning_gradguard.functional.stats.RunningWindow` of the last ``window`` finite values. Each new value is
+scored against the statistics of the window *before* it enters:
 
 - ``"median"`` (default): center = median, spread = 1.4826 * MAD (median absolute deviation; the factor makes it
   a consistent estimate of the standard deviation for normal data). One outlier moves neither.
@@ -10,22 +11,24 @@ value is scored against the statistics of the window *before* it enters:
 
 ``z = (value - center) / spread`` and a value is a spike when ``z > threshold`` once the window holds at least
 ``warmup`` values. Only upward moves count: a collapsing norm is no explosion. The spread is floored at
-``1e-3 * |center|`` so that a perfectly flat history does not turn rounding noise into spikes.
+``0.05 * |center|``: a short or very flat history has a tiny MAD that would turn ordinary step-to-step noise into
+"spikes"; with the floor and the default threshold of 6, nothing below 1.3 times the baseline is ever a spike.
 
-The window is a tensor filled with NaN until values arrive; ``nanmedian``/``nanmean`` ignore the empty slots and
-the number of finite slots is the sample count. A non-finite value never enters the window: the shift that pushes
-a new value in is selected with ``torch.where``, not an ``if``. Nothing here reads a value back to the host.
+A non-finite value never enters the window (the window's ``append`` selects with ``torch.where``, not an ``if``).
+Nothing here reads a value back to the host.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Literal, NamedTuple, Optional
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
 
-__all__ = ["SpikeCheck", "SpikeDetector", "Statistic", "empty_window", "nan_median", "push_finite", "spike_score", "top_layers"]
+from lightning_gradguard.functional.stats import RunningWindow
+
+__all__ = ["STATISTICS", "SpikeCheck", "SpikeDetector", "Statistic", "spike_score", "top_layers"]
 
 Statistic = Literal["median", "mean"]
 STATISTICS = ("median", "mean")
@@ -33,7 +36,7 @@ STATISTICS = ("median", "mean")
 # 1 / Phi^-1(3/4): scales the MAD to the standard deviation of normal data
 MAD_TO_STD = 1.4826
 # the spread never drops below this fraction of the center (a flat history would make every wiggle a spike)
-MIN_RELATIVE_SPREAD = 1e-3
+MIN_RELATIVE_SPREAD = 0.05
 
 
 class SpikeCheck(NamedTuple):
@@ -46,70 +49,37 @@ class SpikeCheck(NamedTuple):
     count: Tensor
 
 
-def empty_window(size: int, device: Optional[torch.device] = None) -> Tensor:
-    """A float32 window of ``size`` empty (NaN) slots."""
-    return torch.full((size,), math.nan, dtype=torch.float32, device=device)
+def _median_absolute_deviation(window: RunningWindow, center: Tensor) -> Tensor:
+    # the absolute deviations fill the same slots as the values, so they form a window of their own
+    deviations = RunningWindow(window.length, device=window.values.device)
+    deviations.values = (window.values - center).abs()
+    deviations.count = window.count
+    return deviations.quantile(0.5)
 
 
-def push_finite(window: Tensor, value: Tensor) -> Tensor:
-    """The window with ``value`` appended and the oldest slot dropped, or unchanged when ``value`` is not finite.
-
-    Example::
-
-        >>> import torch
-        >>> w = push_finite(empty_window(3), torch.tensor(1.0))
-        >>> w = push_finite(w, torch.tensor(float("nan")))
-        >>> push_finite(w, torch.tensor(2.0))
-        tensor([nan, 1., 2.])
-    """
-    value = value.detach().to(window.dtype).reshape(1)
-    shifted = torch.cat([window[1:], value])
-    return torch.where(torch.isfinite(value), shifted, window)
-
-
-def nan_median(values: Tensor) -> Tensor:
-    """The median of the finite entries of a 1-D tensor (mean of the two middle ones for an even count), NaN when
-    there are none.
-
-    ``torch.nanmedian`` returns the lower of the two middle values, which makes the MAD of a small window zero
-    too often; ``torch.nanquantile`` converts its index tensors with explicit device arguments. Here the middle
-    positions stay device tensors and are read with ``gather``.
+def spike_score(value: Tensor, window: RunningWindow, statistic: Statistic = "median") -> tuple[Tensor, Tensor, Tensor]:
+    """``(zscore, center, count)`` of ``value`` against the values held by ``window``.
 
     Example::
 
         >>> import torch
-        >>> nan_median(torch.tensor([4.0, float("nan"), 1.0, 2.0, 3.0]))
-        tensor(2.5000)
-    """
-    ordered = torch.sort(torch.where(torch.isfinite(values), values, math.nan)).values  # NaN sorts last
-    count = torch.isfinite(values).sum()
-    middle = torch.stack([(count - 1).clamp(min=0) // 2, count // 2]).clamp(max=values.numel() - 1)
-    median = ordered.gather(0, middle).mean()
-    return torch.where(count > 0, median, math.nan)
-
-
-def spike_score(value: Tensor, window: Tensor, statistic: Statistic = "median") -> tuple[Tensor, Tensor, Tensor]:
-    """``(zscore, center, count)`` of ``value`` against the finite entries of ``window``.
-
-    Example::
-
-        >>> import torch
-        >>> window = torch.tensor([1.0, 1.1, 0.9, 1.0, float("nan")])
+        >>> window = RunningWindow(5)
+        >>> for v in [1.0, 1.1, 0.9, 1.0]:
+        ...     _ = window.append(torch.tensor(v))
         >>> z, center, count = spike_score(torch.tensor(3.0), window)
         >>> round(float(z), 2), float(center), int(count)
         (26.98, 1.0, 4)
     """
-    value = value.detach().to(window.dtype)
-    count = torch.isfinite(window).sum()
+    value = value.detach().to(window.values.dtype)
     if statistic == "median":
-        center = nan_median(window)
-        spread = MAD_TO_STD * nan_median((window - center).abs())
+        center = window.quantile(0.5)
+        spread = MAD_TO_STD * _median_absolute_deviation(window, center)
     else:
-        center = torch.nanmean(window)
-        spread = torch.nanmean((window - center).square()).sqrt()
-    floor = torch.clamp(MIN_RELATIVE_SPREAD * center.abs(), min=torch.finfo(window.dtype).tiny)
+        center = window.mean()
+        spread = window.variance().sqrt()
+    floor = torch.clamp(MIN_RELATIVE_SPREAD * center.abs(), min=torch.finfo(window.values.dtype).tiny)
     zscore = (value - center) / torch.maximum(spread, floor)
-    return zscore, center, count
+    return zscore, center, window.size
 
 
 class SpikeDetector:
@@ -130,26 +100,32 @@ class SpikeDetector:
         [False, False, False, False, False, True, False]
         >>> bool(detector.update(torch.tensor(float("inf"))).flag)  # non-finite: not a spike, not recorded
         False
-        >>> int(torch.isfinite(detector.window).sum())
+        >>> int(detector.window.size)
         7
     """
 
     def __init__(self, window: int = 128, threshold: float = 6.0, warmup: int = 32, statistic: Statistic = "median"):
         if statistic not in STATISTICS:
             raise ValueError(f"Expected `statistic` to be one of {STATISTICS} but got {statistic!r}")
-        self.threshold = float(threshold)
+        self.threshold = float(threshold)  # a Python number: no sync
         self.warmup = int(warmup)
         self.statistic: Statistic = statistic
-        self.window = empty_window(window)
+        self.window = RunningWindow(window)
 
     def update(self, value: Tensor) -> SpikeCheck:
         """Score ``value`` against the window, then add it to the window if it is finite. Sync-free."""
-        if self.window.device != value.device:  # first use after construction or a checkpoint load
-            self.window = self.window.to(value.device)
+        if self.window.values.device != value.device:  # first use after construction or a checkpoint load
+            self.window.to(value.device)
         zscore, center, count = spike_score(value, self.window, self.statistic)
         flag = torch.isfinite(zscore) & (count >= self.warmup) & (zscore > self.threshold)
-        self.window = push_finite(self.window, value)
+        self.window.append(value.detach())
         return SpikeCheck(flag, zscore, center, count)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.window.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.window.load_state_dict(state_dict)
 
 
 def top_layers(per_tensor_norms: Tensor, k: int) -> tuple[Tensor, Tensor]:

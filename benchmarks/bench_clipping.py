@@ -1,0 +1,102 @@
+"""Per-step cost of GradientClipping's methods and of their peer implementations, on the same gradients.
+
+``cases(params)`` returns one callable per implementation; each does one optimizer step's worth of clipping work on
+the ``.grad`` of ``params`` (the harness restores the gradients between calls). The gradguard cases run the real
+pipeline step: the norm computation it does once per step (as ``clip_grad_norm_`` includes its own), the clipping,
+and the logging into the deferred buffer (flushed every 50 calls).
+
+Peers: ``zclip.ZClip`` (zscore), ``autoclip`` ``QuantileClip(global_threshold=True)`` (quantile), timm's
+``adaptive_clip_grad`` loop (agc), the clipping part of the public AdaGC port (adagc, a per-tensor Python loop), and
+``torch.nn.utils.clip_grad_value_`` (value). ``zclip`` and ``autoclip`` are test-only dependencies: their cases are
+left out when they are not installed.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import nn
+
+from lightning_gradguard.callbacks._runtime import GradStep, Runtime
+from lightning_gradguard.callbacks.clipping import GradientClipping
+
+METHOD_CONFIGS = {
+    "norm": {"method": "norm", "max_norm": 1.0},
+    "value": {"method": "value", "clip_value": 0.01},
+    "quantile": {"method": "quantile"},
+    "zscore": {"method": "zscore"},
+    "agc": {"method": "agc"},
+    "adagc": {"method": "adagc"},
+}
+
+
+def _gradguard(params: list[nn.Parameter], config: dict, flush_every: int = 50) -> Callable[[], None]:
+    """One step of GradientClipping's real work in the gradguard pipeline: gather and norms once (``GradStep``),
+    clip, buffer the logged values; a flush (one host read) every ``flush_every`` calls."""
+    runtime = Runtime()
+    runtime.writes_logs = True
+    clipping = GradientClipping(**config)
+    optimizer = torch.optim.SGD(params, lr=0.0)
+    names = [f"p{i}" for i in range(len(params))]
+    counter = [0]
+
+    def step() -> None:
+        grad_step = GradStep(runtime, counter[0], optimizer, 0, params, names, multi_optimizer=False)
+        clipping.process_step(None, None, grad_step)  # type: ignore[arg-type]
+        counter[0] += 1
+        if counter[0] % flush_every == 0:
+            runtime.buffer.flush()
+
+    return step
+
+
+def timm_agc_loop(params: list[nn.Parameter], clip_factor: float = 0.01, eps: float = 1e-3) -> None:
+    """timm's ``adaptive_clip_grad`` (pytorch-image-models): a Python loop, a few ops per parameter."""
+    for p in params:
+        if p.grad is None:
+            continue
+        dims = tuple(range(1, p.ndim))
+        w_norm = p.detach().norm(dim=dims, keepdim=True) if p.ndim > 1 else p.detach().norm()
+        g_norm = p.grad.norm(dim=dims, keepdim=True) if p.ndim > 1 else p.grad.norm()
+        max_norm = w_norm.clamp_(min=eps).mul_(clip_factor)
+        clipped = p.grad * (max_norm / g_norm.clamp(min=1e-6))
+        p.grad.copy_(torch.where(g_norm < max_norm, p.grad, clipped))
+
+
+class AdaGCLoop:
+    """The clipping half of the public AdaGC port (per tensor: ``min(lambda_rel * gamma / |g|, 1)``, a Python
+    ``min`` on a tensor, so one host read per parameter), after its warm-up."""
+
+    def __init__(self, params: list[nn.Parameter], beta: float = 0.98, factor: float = 1.05) -> None:
+        self.params, self.beta, self.factor = params, beta, factor
+        self.gamma = [p.grad.norm().reshape(1) for p in params]
+
+    def step(self) -> None:
+        for p, gamma in zip(self.params, self.gamma):
+            h = min(self.factor * gamma / p.grad.norm(), 1.0)
+            p.grad.mul_(h)
+            gamma.mul_(self.beta).add_(p.grad.norm(), alpha=1.0 - self.beta)
+
+
+def cases(params: list[nn.Parameter]) -> dict[str, Callable[[], None]]:
+    out: dict[str, Callable[[], None]] = {f"gradguard_{m}": _gradguard(params, c) for m, c in METHOD_CONFIGS.items()}
+    out["torch_clip_grad_value_"] = lambda: torch.nn.utils.clip_grad_value_(params, 0.01)
+    out["timm_agc"] = lambda: timm_agc_loop(params)
+    out["adagc_port_loop"] = AdaGCLoop(params).step
+    try:
+        from zclip import ZClip
+
+        holder = nn.Module()
+        holder.params = nn.ParameterList(params)  # the same Parameter objects, so zclip sees the same gradients
+        zclip = ZClip(max_grad_norm=None)
+        out["zclip"] = lambda: zclip.step(holder)
+    except ImportError:  # pragma: no cover - test-only dependency
+        pass
+    try:
+        from autoclip.torch import QuantileClip
+
+        out["autoclip"] = QuantileClip(params, quantile=0.9, history_length=1000, global_threshold=True).step
+    except ImportError:  # pragma: no cover - test-only dependency
+        pass
+    return out

@@ -1,0 +1,191 @@
+"""GradientClipping: fixed or adaptive gradient clipping at every optimizer step, sync-free and checkpointed."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+import torch
+from typing_extensions import override
+
+from lightning_gradguard.callbacks._runtime import TAG_PREFIX, GradStep, callbacks_of
+from lightning_gradguard.callbacks.base import STAGE_CLIP, GradGuardCallback
+from lightning_gradguard.callbacks.monitor import GradientNormMonitor
+from lightning_gradguard.functional.clipping import DEFAULT_AGC_EXCLUDE, GradientClipper, Method, ZScoreMode
+
+__all__ = ["GradientClipping"]
+
+
+class GradientClipping(GradGuardCallback):
+    r"""Clip the gradients of every optimizer step, with a threshold learned from the run's own norms by default.
+
+    ``GradientClipping()`` needs no threshold: it uses ZClip's z-score rule (EMA mean and variance of the global
+    norm; a norm more than ``z_thresh`` standard deviations above the mean is clipped back towards the mean), with a
+    safe start instead of ZClip's unclipped warm-up: the threshold starts at ``warmup_threshold`` (1.0) and follows
+    ``warmup_factor`` (3) times the median of the norms it let through, so early spikes are clipped and never enter
+    the statistics, and a run whose first gradients are huge stays clipped until they come down (the threshold
+    doubles every ``warmup_steps`` consecutive clipped steps, so legitimately large norms are held back only for a
+    while). The EMA starts from the first ``warmup_steps`` norms let through.
+    The other rules: ``"norm"`` (Lightning's ``gradient_clip_val``), ``"value"``, ``"quantile"`` (AutoClip),
+    ``"agc"`` (unit-wise, NFNets) and ``"adagc"`` (per tensor); the math is in
+    :class:`lightning_gradguard.functional.clipping.GradientClipper`, usable without Lightning.
+
+    Clipping runs in ``on_before_optimizer_step`` (after gradient accumulation and AMP unscaling) on the norms the
+    gradguard pipeline computed once for the step, shared with :class:`GradientNormMonitor` and
+    :class:`ExplosionGuard`. Nothing reads a device value back to the host. A step whose norm is NaN or Inf is left
+    untouched (coefficient 1) for the guard or AMP's scaler, and does not enter the statistics. Under DDP every rank
+    clips the same averaged gradients with the same statistics; under FSDP2 the norms are full-tensor norms, so all
+    ranks take the same decision. The statistics are saved in checkpoints: a resumed run clips as the uninterrupted
+    run would have.
+
+    Logged tags, every optimizer step (``gradguard/opt<i>/...`` with several optimizers; rank 0 only):
+
+    - ``gradguard/grad_norm_clipped``: global L2 norm after clipping (computed from the clipped gradients for
+      ``"value"`` and ``"agc"``).
+    - ``gradguard/clip_threshold``: the threshold in force (``clip_value`` for ``"value"``; for ``"agc"`` and
+      ``"adagc"`` the global norm of the per-unit limits).
+    - ``gradguard/clip_coef``: ``grad_norm_clipped / grad_norm`` (1: untouched).
+    - ``gradguard/grad_norm``: the norm before clipping, when no :class:`GradientNormMonitor` is attached (the
+      monitor logs it otherwise).
+
+    The TensorBoard custom-scalars layout gets a "gradient norm" chart (norm, clipped norm and threshold together)
+    and a "clip coefficient" chart.
+
+    Args:
+        method: ``"zscore"`` (default), ``"quantile"``, ``"adagc"``, ``"agc"``, ``"norm"`` or ``"value"``.
+        max_norm: absolute cap on the global norm on top of any rule; the threshold of ``"norm"`` (required there).
+        clip_value: the element bound of ``"value"`` (required there, not allowed elsewhere).
+        quantile, history_length: ``"quantile"``: the quantile of the last ``history_length`` norms.
+        alpha, z_thresh, zscore_mode: ``"zscore"``: EMA weight, z-score threshold, ``"adaptive_scaling"`` or
+            ``"mean"``.
+        agc_factor, agc_eps, agc_exclude: ``"agc"``: ratio of gradient to weight norm per unit, floor on the weight
+            norm, name patterns left unclipped (default: a classifier head).
+        adagc_beta, adagc_factor: ``"adagc"``: EMA weight and relative threshold per tensor.
+        warmup_steps, warmup_factor, warmup_threshold: the safe start of the adaptive rules (``None`` turns each off;
+            see :class:`~lightning_gradguard.functional.clipping.GradientClipper`).
+        eps: added to the norm in ``threshold / (norm + eps)``.
+        flush_interval: optimizer steps between writes to the loggers; default: ``log_every_n_steps``.
+
+    Raises:
+        ValueError / TypeError: in ``__init__`` for an invalid argument; at ``setup`` when the Trainer also sets
+            ``gradient_clip_val`` (the gradients would be clipped twice).
+
+    Example::
+
+        >>> from lightning.pytorch import Trainer
+        >>> trainer = Trainer(callbacks=[GradientClipping()], logger=False, enable_progress_bar=False)
+        >>> fixed = GradientClipping("norm", max_norm=1.0)  # Trainer(gradient_clip_val=1.0), plus logging
+    """
+
+    stage = STAGE_CLIP
+
+    def __init__(
+        self,
+        method: Method = "zscore",
+        *,
+        max_norm: Optional[float] = None,
+        clip_value: Optional[float] = None,
+        quantile: float = 0.9,
+        history_length: int = 1000,
+        alpha: float = 0.97,
+        z_thresh: float = 2.5,
+        zscore_mode: ZScoreMode = "adaptive_scaling",
+        agc_factor: float = 0.01,
+        agc_eps: float = 1e-3,
+        agc_exclude: Sequence[str] = DEFAULT_AGC_EXCLUDE,
+        adagc_beta: float = 0.98,
+        adagc_factor: float = 1.05,
+        warmup_steps: Optional[int] = None,
+        warmup_factor: Optional[float] = 3.0,
+        warmup_threshold: Optional[float] = 1.0,
+        eps: float = 1e-6,
+        flush_interval: Optional[int] = None,
+    ) -> None:
+        super().__init__(flush_interval=flush_interval)
+        self._config: dict[str, Any] = dict(
+            method=method,
+            max_norm=max_norm,
+            clip_value=clip_value,
+            quantile=quantile,
+            history_length=history_length,
+            alpha=alpha,
+            z_thresh=z_thresh,
+            zscore_mode=zscore_mode,
+            agc_factor=agc_factor,
+            agc_eps=agc_eps,
+            agc_exclude=tuple(agc_exclude) if not isinstance(agc_exclude, str) else agc_exclude,
+            adagc_beta=adagc_beta,
+            adagc_factor=adagc_factor,
+            warmup_steps=warmup_steps,
+            warmup_factor=warmup_factor,
+            warmup_threshold=warmup_threshold,
+            eps=eps,
+        )
+        GradientClipper(**self._config)  # checks every argument now rather than at the first step
+        self.method = method
+        self._clippers: dict[int, GradientClipper] = {}  # one per optimizer, created at its first step
+        self._loaded: dict[int, dict[str, Any]] = {}  # checkpointed state of clippers not created yet
+        self._logs_norm = True
+
+    @property
+    @override
+    def state_key(self) -> str:
+        return self._generate_state_key(method=self.method)
+
+    @override
+    def check_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.gradient_clip_val:
+            raise ValueError(
+                f"Both `Trainer(gradient_clip_val={trainer.gradient_clip_val!r})` and the GradientClipping callback"
+                " clip the gradients, so they would be clipped twice. Remove `gradient_clip_val` from the Trainer"
+                f" (GradientClipping(method='norm', max_norm={trainer.gradient_clip_val!r}) is the same fixed"
+                " clipping), or remove the GradientClipping callback."
+            )
+        # the monitor logs the pre-clip norm; logging it here as well would write the tag twice per step
+        self._logs_norm = not any(isinstance(cb, GradientNormMonitor) for cb in callbacks_of(trainer))
+
+    def clipper(self, optimizer_idx: int = 0) -> GradientClipper:
+        """The clipping engine (and statistics) of the optimizer with index ``optimizer_idx``."""
+        if optimizer_idx not in self._clippers:
+            clipper = GradientClipper(**self._config)
+            if optimizer_idx in self._loaded:
+                clipper.load_state_dict(self._loaded.pop(optimizer_idx))
+            self._clippers[optimizer_idx] = clipper
+        return self._clippers[optimizer_idx]
+
+    @override
+    def process_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: GradStep) -> None:
+        result = self.clipper(step.optimizer_idx).clip_(
+            step.params,
+            names=step.names,
+            per_tensor_norms=step.per_tensor_norms,
+            total_norm=step.total_norm,
+            local_grads=step.local_grads,
+        )
+        step.clip_coef, step.clip_threshold, step.clipped_norm = result.coef, result.threshold, result.clipped_norm
+        names = ["grad_norm_clipped", "clip_threshold", "clip_coef"]
+        values = [result.clipped_norm, result.threshold, result.coef]
+        if self._logs_norm:
+            names.append("grad_norm")
+            values.append(result.total_norm)
+        step.log_vector([step.tag(name) for name in names], torch.stack(values))
+
+    @override
+    def charts(self) -> dict[str, list[str]]:
+        return {
+            "gradient norm": [rf"{TAG_PREFIX}/(opt\d+/)?grad_norm(_clipped)?$", rf"{TAG_PREFIX}/(opt\d+/)?clip_threshold$"],
+            "clip coefficient": [rf"{TAG_PREFIX}/(opt\d+/)?clip_coef$"],
+        }
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        clippers = {idx: clipper.state_dict() for idx, clipper in self._clippers.items()}
+        return {"method": self.method, "clippers": {**self._loaded, **clippers}}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._loaded = {int(idx): state for idx, state in state_dict.get("clippers", {}).items()}
+        for idx in list(self._loaded):
+            if idx in self._clippers:
+                self._clippers[idx].load_state_dict(self._loaded.pop(idx))

@@ -1,0 +1,772 @@
+"""Gradient clipping rules as plain PyTorch, without a host sync: fixed and adaptive.
+
+Rules (``g``: gradients, ``n``: global L2 norm; references in brackets):
+
+- ``"norm"``: ``g <- g * min(1, max_norm / n)`` [``torch.nn.utils.clip_grad_norm_``].
+- ``"value"``: ``g_i <- clamp(g_i, -clip_value, clip_value)`` [``torch.nn.utils.clip_grad_value_``].
+- ``"quantile"``: the threshold is the ``quantile`` of the last ``history_length`` norms [AutoClip, Seetharaman et
+  al. 2020; the ``autoclip`` package's ``QuantileClip(global_threshold=True)``].
+- ``"zscore"``: EMA mean and variance of the norm; a norm whose z-score exceeds ``z_thresh`` is clipped to
+  ``mean + z_thresh * std / (z / z_thresh)`` (``"adaptive_scaling"``) or to ``mean``; the EMA takes the clipped
+  norm [ZClip, Kumar et al. 2025; the ``zclip`` package].
+- ``"agc"``: unit-wise (rows of a weight, a whole bias): ``g_u <- g_u * min(1, factor * max(|W_u|, eps) / |g_u|)``
+  [Brock et al. 2021, NFNets; timm's ``adaptive_clip_grad``].
+- ``"adagc"``: per tensor, ``g_i <- g_i * min(1, factor * gamma_i / |g_i|)`` and
+  ``gamma_i <- beta * gamma_i + (1 - beta) * |clipped g_i|`` [AdaGC, Wang et al. 2025].
+
+What this module adds to the references:
+
+- **Nothing reads a device value back.** Thresholds, statistics and coefficients stay device tensors; decisions
+  are ``torch.where`` / ``clamp``; gradients are scaled with one ``torch._foreach_mul_`` per (device, dtype) group.
+- **Non-finite steps are left alone.** When the global norm is NaN or Inf the coefficient is 1 (the gradients are
+  left for a guard or AMP's scaler to deal with) and no statistic is updated; a finite gradient is never made
+  non-finite (every coefficient is finite and in ``[0, 1]``).
+- **A safe start** for the adaptive rules (``quantile``, ``zscore``, ``adagc``) instead of an unclipped warm-up (ZClip
+  without its absolute cap lets early spikes through; autoclip does not clip its first step). Until
+  ``warmup_steps`` norms have been recorded, the threshold is ``warmup_threshold`` (1.0) before the first one and
+  then ``warmup_factor`` (3) times their (lower) median. Only norms the threshold did not clip are recorded: they
+  are evidence of the scale the run can take. So a spike, even on the second step, is clipped and never enters the
+  statistics, and a run whose first gradients are huge (a bad initialisation, a too-high learning rate) stays
+  clipped until its norms come down. The threshold doubles for every ``warmup_steps`` consecutive clipped steps,
+  so a run whose norms are legitimately larger is held back only for a while. Then the rule proper starts (ZClip's
+  EMA from the recorded norms). ``warmup_factor=None`` gives the references' warm-up instead: ``warmup_steps``
+  steps clipped at ``warmup_threshold`` (``None``: unclipped), with every norm recorded.
+- **An absolute cap** ``max_norm`` on top of any rule (for ``"norm"`` it is the rule).
+
+:class:`GradientClipper` holds a rule and its state for plain training loops; the callback
+:class:`~lightning_gradguard.GradientClipping` drives the same class.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal, NamedTuple, Optional, Union
+
+import torch
+from torch import Tensor
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
+
+from lightning_gradguard.functional.norms import _reduce_sharded, as_local_tensor, grad_norms
+from lightning_gradguard.functional.stats import EmaMoments, RunningWindow
+
+__all__ = [
+    "DEFAULT_AGC_EXCLUDE",
+    "METHODS",
+    "ClipResult",
+    "GradientClipper",
+    "adagc_coefficients",
+    "agc_coefficients",
+    "clamp_",
+    "clip_coefficient",
+    "scale_",
+    "unitwise_norms",
+    "zscore_threshold",
+]
+
+Method = Literal["norm", "value", "quantile", "zscore", "agc", "adagc"]
+ZScoreMode = Literal["adaptive_scaling", "mean"]
+METHODS: tuple[str, ...] = ("norm", "value", "quantile", "zscore", "agc", "adagc")
+_ZSCORE_MODES = ("adaptive_scaling", "mean")
+
+DEFAULT_AGC_EXCLUDE: tuple[str, ...] = (r"(^|\.)(head|lm_head|classifier|fc)\.",)
+"""Parameter-name patterns (``re.search``) that AGC leaves unclipped: the usual names of a classifier head. Brock
+et al. found clipping the final linear layer hurts."""
+
+_WARMUP_DEFAULTS = {"quantile": 25, "zscore": 25, "adagc": 100}  # ZClip's 25; AdaGC's public ports use 100
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the math, one step at a time
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def clip_coefficient(norm: Tensor, threshold: Tensor, eps: float = 1e-6) -> Tensor:
+    """``min(1, threshold / (norm + eps))`` as in ``clip_grad_norm_``; 1 where ``norm`` is not finite.
+
+    Example::
+
+        >>> import torch
+        >>> clip_coefficient(torch.tensor([4.0, 0.5, float("nan")]), torch.tensor(1.0), eps=0.0)
+        tensor([0.2500, 1.0000, 1.0000])
+    """
+    # clamp rather than `if coef < 1`: the comparison would read the value back to the host
+    coef = torch.clamp(threshold / (norm + eps), max=1.0)
+    # a non-finite norm is left to the guard or AMP's scaler; a NaN coefficient (0/0 thresholds) means "no clip"
+    keep = torch.isfinite(norm) & ~torch.isnan(coef)
+    return torch.where(keep, coef, torch.ones_like(coef))
+
+
+def _groups(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]]:
+    """``{(device, dtype): (tensors, their indices)}``, grouped in C++ as ``clip_grad_norm_`` does."""
+    grouped = _group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)
+    return {key: (lists[0], indices) for key, (lists, indices) in grouped.items()}  # type: ignore[misc]
+
+
+def scale_(tensors: Sequence[Tensor], coef: Union[Tensor, Sequence[Tensor]]) -> None:
+    """Multiply ``tensors`` in place by ``coef``: one 0-d tensor for all of them, or one tensor per tensor (each
+    broadcastable to its tensor). One ``torch._foreach_mul_`` per (device, dtype) group.
+
+    Example::
+
+        >>> import torch
+        >>> grads = [torch.ones(2), torch.ones(2, 2)]
+        >>> scale_(grads, torch.tensor(0.5))
+        >>> grads[1]
+        tensor([[0.5000, 0.5000],
+                [0.5000, 0.5000]])
+    """
+    for (device, _), (group, idx) in _groups(tensors).items():
+        if isinstance(coef, Tensor):
+            torch._foreach_mul_(group, coef.to(device))
+        else:
+            torch._foreach_mul_(group, [coef[i].to(device) for i in idx])
+
+
+def clamp_(tensors: Sequence[Tensor], bound: Tensor) -> None:
+    """Clamp every element of ``tensors`` in place to ``[-bound, bound]`` (``bound``: a 0-d device tensor, so an
+    infinite bound makes this a no-op without a host decision). Two foreach calls per (device, dtype) group."""
+    for (device, dtype), (group, _) in _groups(tensors).items():
+        hi = bound.to(device=device, dtype=dtype)
+        torch._foreach_minimum_(group, [hi] * len(group))
+        torch._foreach_maximum_(group, [-hi] * len(group))
+
+
+def zscore_threshold(
+    norm: Tensor, mean: Tensor, var: Tensor, z_thresh: float, mode: ZScoreMode = "adaptive_scaling", eps: float = 1e-6
+) -> Tensor:
+    """ZClip's threshold for ``norm``, given the EMA ``mean`` and ``var`` of the past norms.
+
+    With ``z = (norm - mean) / (std + eps)``: when ``z > z_thresh`` the norm is an outlier and the threshold is
+    ``mean + z_thresh * std / (z / z_thresh)`` (``"adaptive_scaling"``: the larger the outlier, the harder the clip)
+    or ``mean`` (``"mean"``). Otherwise it is the outlier boundary ``mean + z_thresh * (std + eps)``, which ``norm``
+    does not exceed, so it is not clipped. Either way ``min(norm, threshold)`` is the clipped norm that ZClip feeds
+    back into its EMA.
+
+    Example::
+
+        >>> import torch
+        >>> zscore_threshold(torch.tensor(10.0), torch.tensor(1.0), torch.tensor(1.0), 2.5, eps=0.0)
+        tensor(1.6944)
+        >>> zscore_threshold(torch.tensor(2.0), torch.tensor(1.0), torch.tensor(1.0), 2.5, eps=0.0)
+        tensor(3.5000)
+    """
+    std = var.sqrt()
+    z = (norm - mean) / (std + eps)
+    outlier = mean + (z_thresh * std) / (z / z_thresh) if mode == "adaptive_scaling" else mean
+    return torch.where(z > z_thresh, outlier, mean + z_thresh * (std + eps))
+
+
+def unitwise_norms(tensor: Tensor) -> Tensor:
+    """L2 norm of every unit of ``tensor``, float32: one per row (output unit, dim 0) of a weight with two or more
+    dimensions, one for a bias or scalar. Works for ``Linear`` and ``ConvNd`` weights, whose outputs are on dim 0.
+
+    Example::
+
+        >>> import torch
+        >>> unitwise_norms(torch.tensor([[3.0, 4.0], [0.0, 1.0]]))
+        tensor([5., 1.])
+        >>> unitwise_norms(torch.tensor([3.0, 4.0]))
+        tensor([5.])
+    """
+    if tensor.ndim <= 1:
+        return torch.linalg.vector_norm(tensor, dtype=torch.float32).reshape(1)
+    return torch.linalg.vector_norm(tensor, dim=tuple(range(1, tensor.ndim)), dtype=torch.float32)
+
+
+def agc_coefficients(weight_norms: Tensor, grad_norms: Tensor, clip_factor: float = 0.01, eps: float = 1e-3) -> Tensor:
+    """AGC's scale per unit: ``min(1, clip_factor * max(|W|, eps) / |g|)`` (timm's formula, ``|g|`` floored at 1e-6).
+
+    The floor ``eps`` on the weight norm lets zero-initialised weights learn.
+
+    Example::
+
+        >>> import torch
+        >>> agc_coefficients(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]), clip_factor=0.01)
+        tensor([1.0000e-02, 1.0000e-05])
+    """
+    max_norm = weight_norms.clamp(min=eps) * clip_factor
+    return torch.where(grad_norms < max_norm, torch.ones_like(max_norm), max_norm / grad_norms.clamp(min=1e-6))
+
+
+def adagc_coefficients(norms: Tensor, gamma: Tensor, factor: float = 1.05) -> Tensor:
+    """AdaGC's scale per tensor: ``min(1, factor * gamma / |g|)``; 1 for a zero gradient or an unset (inf) ``gamma``.
+
+    Example::
+
+        >>> import torch
+        >>> adagc_coefficients(torch.tensor([2.0, 0.5, 0.0]), torch.tensor([1.0, 1.0, 1.0]), factor=1.0)
+        tensor([0.5000, 1.0000, 1.0000])
+    """
+    coef = torch.clamp(factor * gamma / norms, max=1.0)
+    return torch.where((norms > 0) & ~torch.isnan(coef), coef, torch.ones_like(coef))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# rules with state
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ClipResult(NamedTuple):
+    """What one clipping step did (device tensors, float32)."""
+
+    total_norm: Tensor
+    """global L2 norm before clipping"""
+    clipped_norm: Tensor
+    """global L2 norm after clipping"""
+    threshold: Tensor
+    """the threshold in force (see :class:`GradientClipper` for the per-unit rules)"""
+    coef: Tensor
+    """``clipped_norm / total_norm`` (1 for a zero or non-finite norm)"""
+
+
+class _Step:
+    """The gradients of one step as the rules see them."""
+
+    def __init__(
+        self,
+        params: list[Tensor],
+        names: list[str],
+        grads: list[Tensor],
+        local_grads: list[Tensor],
+        per_tensor: Tensor,
+        total: Tensor,
+    ) -> None:
+        self.params = params
+        self.names = names
+        self.grads = grads
+        self.local_grads = local_grads
+        self.per_tensor = per_tensor
+        self.total = total
+        self.finite = torch.isfinite(total)
+
+
+class _Rule:
+    """A clipping rule. Global rules return a threshold from :meth:`advance`; unit rules scale in :meth:`apply_`."""
+
+    global_threshold = True
+
+    def advance(self, step: _Step) -> Tensor:
+        """The global threshold of this step; updates the statistics (finite steps only)."""
+        raise NotImplementedError
+
+    def apply_(self, step: _Step, eps: float) -> tuple[Tensor, Tensor]:
+        """Clip in place; return ``(clipped global norm, threshold)``."""
+        raise NotImplementedError
+
+    def states(self) -> dict[str, Any]:
+        """The stateful parts, by name (``RunningWindow`` / ``EmaMoments`` / tensors)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {key: part.state_dict() for key, part in self.states().items()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for key, part in self.states().items():
+            if key in state_dict:
+                part.load_state_dict(state_dict[key])
+
+    def to(self, device: torch.device) -> None:
+        for part in self.states().values():
+            part.to(device)
+
+
+class _WarmUp:
+    """The safe start shared by the adaptive rules (see :class:`GradientClipper`).
+
+    Two windows over the first ``steps`` finite steps: ``window`` holds every norm as the warm-up clipped it (what
+    the rule proper starts from), ``evidence`` only the norms the warm-up threshold let through (what the
+    threshold follows).
+    """
+
+    def __init__(self, steps: int, factor: Optional[float], threshold: Optional[float]) -> None:
+        self.steps = steps
+        self.factor = factor
+        self.first_threshold = math.inf if threshold is None else float(threshold)
+        self.window = RunningWindow(max(steps, 1))
+        self.evidence = RunningWindow(max(steps, 1))
+
+    def active(self) -> Tensor:
+        return self.window.count < self.steps
+
+    def threshold(self) -> Tensor:
+        """``warmup_factor`` times the median of the norms let through so far, ``warmup_threshold`` before any."""
+        first = torch.full((), self.first_threshold, device=self.window.values.device)
+        if self.factor is None:
+            return first
+        return torch.where(self.evidence.count > 0, self.factor * self.evidence.median(), first)
+
+    def record(self, norm: Tensor, finite: Tensor, threshold: Tensor) -> Tensor:
+        """Record this step's norm (``threshold``: this step's warm-up threshold) while the warm-up lasts; return
+        the norm as the warm-up clipped it."""
+        recording = finite & self.active()
+        clipped = torch.minimum(norm, threshold)
+        self.window.append(clipped, recording)
+        self.evidence.append(norm, recording & (norm <= threshold))
+        return clipped
+
+    def to(self, device: torch.device) -> None:
+        self.window.to(device)
+        self.evidence.to(device)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"window": self.window.state_dict(), "evidence": self.evidence.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.window.load_state_dict(state_dict.get("window", {}))
+        self.evidence.load_state_dict(state_dict.get("evidence", {}))
+
+
+class _NormRule(_Rule):
+    def __init__(self, max_norm: float) -> None:
+        self.max_norm = max_norm
+
+    def advance(self, step: _Step) -> Tensor:
+        return torch.full((), self.max_norm, device=step.total.device)
+
+
+class _QuantileRule(_Rule):
+    def __init__(self, quantile: float, history_length: int, warmup: _WarmUp) -> None:
+        self.quantile = quantile
+        self.history = RunningWindow(history_length)
+        self.warmup = warmup
+
+    def states(self) -> dict[str, Any]:
+        return {"history": self.history, "warmup": self.warmup}
+
+    def advance(self, step: _Step) -> Tensor:
+        warm, warm_threshold = self.warmup.active(), self.warmup.threshold()
+        from_history = self.history.quantile(self.quantile)
+        from_history = torch.where(self.history.count > 0, from_history, torch.full_like(from_history, math.inf))
+        threshold = torch.where(warm, torch.minimum(from_history, warm_threshold), from_history)
+        clipped = self.warmup.record(step.total, step.finite, warm_threshold)
+        # like autoclip, the history takes the norm before clipping; during the warm-up, as the warm-up clipped it
+        self.history.append(torch.where(warm, clipped, step.total), step.finite)
+        return threshold
+
+
+class _ZScoreRule(_Rule):
+    def __init__(self, alpha: float, z_thresh: float, mode: ZScoreMode, eps: float, warmup: _WarmUp) -> None:
+        self.z_thresh = z_thresh
+        self.mode = mode
+        self.eps = eps
+        self.ema = EmaMoments(alpha)
+        self.warmup = warmup
+
+    def states(self) -> dict[str, Any]:
+        return {"ema": self.ema, "warmup": self.warmup}
+
+    def advance(self, step: _Step) -> Tensor:
+        warm, warm_threshold = self.warmup.active(), self.warmup.threshold()
+        ema_threshold = zscore_threshold(step.total, self.ema.mean, self.ema.var, self.z_thresh, self.mode, self.eps)
+        threshold = torch.where(warm, warm_threshold, ema_threshold)
+        self.warmup.record(step.total, step.finite, warm_threshold)
+        # the step that fills the warm-up window starts the EMA from it, as ZClip does
+        window = self.warmup.window
+        self.ema.start(window.mean(), window.variance(), warm & ~self.warmup.active())
+        # after the warm-up the EMA takes the clipped norm (ZClip): a spike moves it only up to its threshold
+        self.ema.update(torch.minimum(step.total, ema_threshold), ~warm)
+        return threshold
+
+
+class _ValueRule(_Rule):
+    global_threshold = False
+
+    def __init__(self, clip_value: float) -> None:
+        self.clip_value = clip_value
+
+    def apply_(self, step: _Step, eps: float) -> tuple[Tensor, Tensor]:
+        threshold = torch.full((), self.clip_value, device=step.total.device)
+        clamp_(step.local_grads, torch.where(step.finite, threshold, torch.full_like(threshold, math.inf)))
+        return grad_norms(step.grads)[1], threshold
+
+
+class _AgcLayout(NamedTuple):
+    """How the units of one model's tensors line up (cached while names and local shapes stay the same)."""
+
+    units: list[int]  # units per tensor (rows of the local shard, or 1)
+    shapes: list[tuple[int, ...]]  # shape that broadcasts one coefficient per unit over its tensor
+    with_rows: list[int]  # tensors with rows (two or more dimensions)
+    without_rows: list[int]  # biases and scalars: one unit, the whole tensor
+    owner: Tensor  # for every unit, the index of its tensor
+    clipped: Tensor  # for every unit, whether AGC clips it (its tensor is not excluded)
+    sharded: bool  # whether some tensor with rows is a DTensor (its per-tensor sums are partial)
+
+
+class _AgcRule(_Rule):
+    global_threshold = False
+
+    def __init__(self, clip_factor: float, eps: float, exclude: Sequence[str]) -> None:
+        self.clip_factor = clip_factor
+        self.eps = eps
+        self.patterns = [re.compile(p) for p in exclude]
+        self._layout_key: Optional[tuple] = None
+        self._layout: Optional[_AgcLayout] = None
+
+    def _layout_of(self, step: _Step) -> _AgcLayout:
+        key = tuple((n, tuple(g.shape)) for n, g in zip(step.names, step.local_grads))
+        if key != self._layout_key or self._layout is None:
+            units, shapes, clipped = [], [], []
+            for name, p, g in zip(step.names, step.params, step.local_grads):
+                _check_row_sharding(name, p)
+                n = g.shape[0] if g.ndim > 1 else 1
+                units.append(n)
+                shapes.append((n,) + (1,) * (g.ndim - 1) if g.ndim > 1 else ())
+                clipped += [not any(p.search(name) for p in self.patterns)] * n
+            device = step.total.device
+            with_rows = [i for i, g in enumerate(step.local_grads) if g.ndim > 1]
+            self._layout = _AgcLayout(
+                units,
+                shapes,
+                with_rows,
+                [i for i, g in enumerate(step.local_grads) if g.ndim <= 1],
+                torch.repeat_interleave(torch.arange(len(units)), torch.tensor(units)).to(device),
+                torch.tensor(clipped, dtype=torch.bool, device=device),
+                any(hasattr(step.params[i], "placements") for i in with_rows),
+            )
+            self._layout_key = key
+        return self._layout
+
+    def apply_(self, step: _Step, eps: float) -> tuple[Tensor, Tensor]:
+        layout = self._layout_of(step)
+        weight_units: list[Optional[Tensor]] = [None] * len(step.params)
+        grad_units: list[Optional[Tensor]] = [None] * len(step.params)
+        # rows: FSDP2 shards on dim 0, so every rank holds whole rows and their norms are local
+        for i in layout.with_rows:
+            weight_units[i] = unitwise_norms(as_local_tensor(step.params[i].detach()))
+            grad_units[i] = unitwise_norms(step.local_grads[i])
+        if layout.without_rows:
+            # a bias is one unit: its full-tensor norm, reduced over shards for the weights as for the gradients
+            params = [step.params[i].detach() for i in layout.without_rows]
+            weights = grad_norms(params, device=step.total.device)[0]
+            for k, i in enumerate(layout.without_rows):
+                weight_units[i] = weights[k : k + 1]
+                grad_units[i] = step.per_tensor[i : i + 1]
+        weight_norms, unit_norms = torch.cat(weight_units), torch.cat(grad_units)  # type: ignore[arg-type]
+        coef = agc_coefficients(weight_norms, unit_norms, self.clip_factor, self.eps)
+        coef = torch.where(layout.clipped & step.finite, coef, torch.ones_like(coef))
+        scale_(step.local_grads, [c.view(shape) for c, shape in zip(torch.split(coef, layout.units), layout.shapes)])
+        # exact norms from the units (each was scaled as a whole): no second pass over the gradients. The threshold
+        # reported is the global norm a gradient has when every clipped unit sits exactly at its limit.
+        limits = torch.where(layout.clipped, weight_norms.clamp(min=self.eps) * self.clip_factor, torch.zeros_like(coef))
+        clipped_norm, threshold = self._global_norms(step, layout, torch.stack([unit_norms * coef, limits]))
+        return clipped_norm, threshold
+
+    @staticmethod
+    def _global_norms(step: _Step, layout: _AgcLayout, unit_values: Tensor) -> Tensor:
+        """Global L2 norms of rows of per-unit values; the local rows of sharded tensors are summed over shards."""
+        per_tensor_sq = torch.zeros(unit_values.shape[0], len(layout.units), device=unit_values.device)
+        per_tensor_sq.index_add_(1, layout.owner, unit_values.square())
+        if layout.sharded:
+            index = torch.tensor(layout.with_rows, device=unit_values.device)
+            local = per_tensor_sq.index_select(1, index).sqrt()
+            items = [step.params[i] for i in layout.with_rows] * unit_values.shape[0]
+            full = _reduce_sharded(items, local.reshape(-1), 2.0).reshape(local.shape)
+            per_tensor_sq = per_tensor_sq.index_copy(1, index, full.square())
+        return per_tensor_sq.sum(dim=1).sqrt()
+
+
+def _check_row_sharding(name: str, param: Tensor) -> None:
+    """AGC's row norms are local only when a sharded weight is split along dim 0 (FSDP2's default)."""
+    placements = getattr(param, "placements", ())
+    if param.ndim > 1 and any(p.is_shard() and p.dim != 0 for p in placements):
+        raise ValueError(
+            f"Expected parameter {name!r} to be replicated or sharded on dim 0 for method='agc' but got placements"
+            f" {tuple(placements)}"
+        )
+
+
+class _AdaGCRule(_Rule):
+    global_threshold = False
+
+    def __init__(self, beta: float, factor: float, warmup: _WarmUp) -> None:
+        self.beta = beta
+        self.factor = factor
+        self.warmup = warmup
+        self.names: list[str] = []
+        self.gamma = torch.zeros(0)  # per tensor, in the order of `names`; inf until a nonzero norm is seen
+        self._index_key: Optional[tuple] = None
+        self._index: Optional[Tensor] = None
+
+    def states(self) -> dict[str, Any]:
+        return {"warmup": self.warmup}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {**super().state_dict(), "names": list(self.names), "gamma": self.gamma.clone()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        if "gamma" in state_dict:
+            self.names = list(state_dict.get("names", []))
+            self.gamma = state_dict["gamma"].to(device=self.gamma.device, dtype=torch.float32).clone()
+            self._index_key = None
+
+    def to(self, device: torch.device) -> None:
+        super().to(device)
+        self.gamma = self.gamma.to(device)
+        if self._index is not None:
+            self._index = self._index.to(device)
+
+    def _index_of(self, step: _Step) -> Tensor:
+        """Where each of this step's tensors keeps its gamma (tensors are matched by name across steps)."""
+        key = tuple(step.names)
+        if key != self._index_key:
+            known = set(self.names)
+            new = [n for n in step.names if n not in known]
+            if new:
+                self.names += new
+                fill = torch.full((len(new),), math.inf, device=self.gamma.device)
+                self.gamma = torch.cat([self.gamma.to(fill.device), fill])
+            position = {n: i for i, n in enumerate(self.names)}
+            self._index = torch.tensor([position[n] for n in step.names], device=self.gamma.device)
+            self._index_key = key
+        return self._index  # type: ignore[return-value]
+
+    def apply_(self, step: _Step, eps: float) -> tuple[Tensor, Tensor]:
+        index = self._index_of(step)
+        gamma = self.gamma.index_select(0, index)
+        warm = self.warmup.active()
+        warm_threshold = self.warmup.threshold()
+        # warm-up: plain global clipping (AdaGC clips at an absolute lambda_abs here; the safe start instead)
+        global_coef = clip_coefficient(step.total, warm_threshold, eps)
+        coef = torch.where(warm, global_coef.expand_as(gamma), adagc_coefficients(step.per_tensor, gamma, self.factor))
+        coef = torch.where(step.finite, coef, torch.ones_like(coef))
+        scale_(step.local_grads, coef.unbind(0))
+        clipped = step.per_tensor * coef  # exact: each tensor was scaled as a whole; full-tensor under FSDP2
+        ema = torch.where(torch.isinf(gamma), clipped, self.beta * gamma + (1 - self.beta) * clipped)
+        updated = torch.where(warm, torch.minimum(gamma, clipped), ema)
+        # a zero gradient says nothing about a tensor's scale: its gamma stays as it was
+        informative = step.finite & (step.per_tensor > 0)
+        self.gamma = self.gamma.index_copy(0, index, torch.where(informative, updated, gamma))
+        self.warmup.record(step.total, step.finite, warm_threshold)
+        limits = self.factor * gamma
+        relative = torch.linalg.vector_norm(torch.where(torch.isfinite(limits), limits, torch.zeros_like(limits)))
+        return torch.linalg.vector_norm(clipped), torch.where(warm, warm_threshold, relative)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the public engine
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _number(value: Any, name: str, *, low: float = 0.0, high: float = math.inf, closed: str = "()") -> float:
+    """``value`` as a float inside the interval, or a ``ValueError``/``TypeError`` naming ``name``."""
+    lo_ok = (lambda v: v >= low) if closed[0] == "[" else (lambda v: v > low)
+    hi_ok = (lambda v: v <= high) if closed[1] == "]" else (lambda v: v < high)
+    interval = f"{closed[0]}{low:g}, {high:g}{closed[1]}"
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Expected `{name}` to be a number in {interval} but got {type(value).__name__} {value!r}")
+    if math.isnan(value) or not (lo_ok(value) and hi_ok(value)):
+        raise ValueError(f"Expected `{name}` to be a number in {interval} but got {value!r}")
+    return float(value)
+
+
+def _optional_number(value: Any, name: str, **kwargs: Any) -> Optional[float]:
+    return None if value is None else _number(value, name, **kwargs)
+
+
+def _count(value: Any, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"Expected `{name}` to be an integer >= {minimum} but got {value!r}")
+    return value
+
+
+def _patterns(value: Any) -> tuple[str, ...]:
+    if isinstance(value, str) or not isinstance(value, Iterable):
+        raise TypeError(f"Expected `agc_exclude` to be a sequence of regular expressions but got {value!r}")
+    patterns = tuple(value)
+    for p in patterns:
+        if not isinstance(p, str):
+            raise TypeError(f"Expected `agc_exclude` to hold strings but got {type(p).__name__} {p!r}")
+        try:
+            re.compile(p)
+        except re.error as err:
+            raise ValueError(f"Expected `agc_exclude` to hold valid regular expressions but got {p!r}: {err}") from err
+    return patterns
+
+
+class GradientClipper:
+    r"""Clip gradients in place with one of six rules, keeping the rule's statistics on the device.
+
+    For plain PyTorch loops: call :meth:`clip_` between ``loss.backward()`` and ``optimizer.step()``. It never reads
+    a device value back to the host.
+
+    Args:
+        method: ``"norm"``, ``"value"``, ``"quantile"``, ``"zscore"``, ``"agc"`` or ``"adagc"`` (module docstring).
+        max_norm: absolute cap on the global L2 norm, applied on top of any rule (``None``: no cap). Required by
+            ``"norm"``, for which it is the threshold.
+        clip_value: ``"value"`` only: the bound on each element's magnitude.
+        quantile: ``"quantile"``: which quantile of the history is the threshold, in ``(0, 1]``.
+        history_length: ``"quantile"``: how many past norms the history keeps.
+        alpha: ``"zscore"``: EMA weight of the past, in ``(0, 1)``.
+        z_thresh: ``"zscore"``: z-score above which a norm is clipped.
+        zscore_mode: ``"zscore"``: ``"adaptive_scaling"`` (clip harder the larger the outlier) or ``"mean"``.
+        agc_factor: ``"agc"``: the ratio ``lambda`` of gradient to weight norm allowed per unit.
+        agc_eps: ``"agc"``: floor on the weight norm, so zero-initialised weights still learn.
+        agc_exclude: ``"agc"``: regular expressions; parameters whose name matches one are not clipped
+            (default: a classifier head named ``head``, ``lm_head``, ``classifier`` or ``fc``).
+        adagc_beta: ``"adagc"``: EMA weight of the past for the per-tensor norm, in ``[0, 1)``.
+        adagc_factor: ``"adagc"``: the relative threshold ``lambda_rel`` (a tensor may grow by this factor).
+        warmup_steps: adaptive rules: how many norms the safe start records before the rule proper takes over;
+            ``None`` picks the reference default (``quantile`` 25, ``zscore`` 25 as in ZClip, ``adagc`` 100 as in
+            AdaGC). ``zscore`` starts its EMA from them; ``adagc`` clips globally during the warm-up.
+        warmup_factor: during the warm-up the threshold is this multiple of the median of the recorded norms
+            (which are the norms it did not clip). ``None``: the references' warm-up (every norm recorded, the
+            threshold is ``warmup_threshold`` throughout).
+        warmup_threshold: the warm-up threshold before any norm is recorded (``None``: unclipped); it doubles for
+            every ``warmup_steps`` consecutive clipped warm-up steps.
+        eps: added to the norm in ``threshold / (norm + eps)``, as in ``clip_grad_norm_``.
+
+    The threshold reported for ``"value"`` is ``clip_value``; for ``"agc"`` and ``"adagc"`` it is the global norm of
+    the per-unit limits (a gradient with every clipped unit exactly at its limit has that norm); ``max_norm`` caps
+    it in every case.
+
+    Raises:
+        ValueError / TypeError: for an unknown method, an argument out of range, or a missing ``max_norm``
+            (``"norm"``) or ``clip_value`` (``"value"``).
+
+    Example::
+
+        >>> import torch
+        >>> model = torch.nn.Linear(4, 2)
+        >>> clipper = GradientClipper("zscore")
+        >>> for _ in range(3):
+        ...     model(torch.randn(8, 4)).pow(2).sum().backward()
+        ...     result = clipper.clip_(model.parameters())
+        ...     model.zero_grad()
+        >>> sorted(result._fields)
+        ['clipped_norm', 'coef', 'threshold', 'total_norm']
+        >>> bool(result.clipped_norm <= result.threshold)
+        True
+    """
+
+    def __init__(
+        self,
+        method: Method = "zscore",
+        *,
+        max_norm: Optional[float] = None,
+        clip_value: Optional[float] = None,
+        quantile: float = 0.9,
+        history_length: int = 1000,
+        alpha: float = 0.97,
+        z_thresh: float = 2.5,
+        zscore_mode: ZScoreMode = "adaptive_scaling",
+        agc_factor: float = 0.01,
+        agc_eps: float = 1e-3,
+        agc_exclude: Sequence[str] = DEFAULT_AGC_EXCLUDE,
+        adagc_beta: float = 0.98,
+        adagc_factor: float = 1.05,
+        warmup_steps: Optional[int] = None,
+        warmup_factor: Optional[float] = 3.0,
+        warmup_threshold: Optional[float] = 1.0,
+        eps: float = 1e-6,
+    ) -> None:
+        if method not in METHODS:
+            raise ValueError(f"Expected `method` to be one of {METHODS} but got {method!r}")
+        if zscore_mode not in _ZSCORE_MODES:
+            raise ValueError(f"Expected `zscore_mode` to be one of {_ZSCORE_MODES} but got {zscore_mode!r}")
+        self.method = method
+        self.max_norm = _optional_number(max_norm, "max_norm")
+        self.eps = _number(eps, "eps", closed="[)")
+        if method == "norm" and self.max_norm is None:
+            raise ValueError("Expected `max_norm` to be a positive number for method='norm' but got None")
+        if (method == "value") != (clip_value is not None):
+            expected = "a positive number for method='value'" if method == "value" else f"None for method={method!r}"
+            raise ValueError(f"Expected `clip_value` to be {expected} but got {clip_value!r}")
+        if warmup_steps is None:
+            warmup_steps = _WARMUP_DEFAULTS.get(method, 0)
+        minimum = 1 if method in ("zscore", "adagc") else 0  # both start their statistics from the warm-up
+        warmup = _WarmUp(
+            _count(warmup_steps, "warmup_steps", minimum),
+            _optional_number(warmup_factor, "warmup_factor", low=1.0, closed="[)"),
+            _optional_number(warmup_threshold, "warmup_threshold", closed="(]"),
+        )
+        self._rule: _Rule
+        if method == "norm":
+            self._rule = _NormRule(self.max_norm)  # type: ignore[arg-type]
+        elif method == "value":
+            self._rule = _ValueRule(_number(clip_value, "clip_value"))
+        elif method == "quantile":
+            self._rule = _QuantileRule(
+                _number(quantile, "quantile", closed="(]", high=1.0),
+                _count(history_length, "history_length", 1),
+                warmup,
+            )
+        elif method == "zscore":
+            self._rule = _ZScoreRule(
+                _number(alpha, "alpha", high=1.0), _number(z_thresh, "z_thresh"), zscore_mode, self.eps, warmup
+            )
+        elif method == "agc":
+            self._rule = _AgcRule(_number(agc_factor, "agc_factor"), _number(agc_eps, "agc_eps"), _patterns(agc_exclude))
+        else:
+            self._rule = _AdaGCRule(
+                _number(adagc_beta, "adagc_beta", closed="[)", high=1.0), _number(adagc_factor, "adagc_factor"), warmup
+            )
+        self._device: Optional[torch.device] = None
+
+    def clip_(
+        self,
+        parameters: Iterable[Tensor],
+        *,
+        names: Optional[Sequence[str]] = None,
+        per_tensor_norms: Optional[Tensor] = None,
+        total_norm: Optional[Tensor] = None,
+        local_grads: Optional[Sequence[Tensor]] = None,
+    ) -> ClipResult:
+        """Clip the gradients of ``parameters`` in place and update the rule's statistics.
+
+        Args:
+            parameters: parameters; those without a gradient are skipped.
+            names: one name per parameter (``"agc"`` exclusion, ``"adagc"`` per-tensor state); default
+                ``param_<i>``.
+            per_tensor_norms, total_norm: the L2 norms of the gradients (of the parameters that have one), if
+                already computed (e.g. for logging); computed here otherwise.
+            local_grads: the local shards of those gradients (the gradients themselves unless sharded), if already
+                at hand: every parameter must then have a gradient.
+        """
+        params = list(parameters)
+        names = [f"param_{i}" for i in range(len(params))] if names is None else list(names)
+        if len(names) != len(params):
+            raise ValueError(f"Expected one name per parameter ({len(params)}) but got {len(names)}")
+        if local_grads is None:
+            with_grad = [(p, n) for p, n in zip(params, names) if p.grad is not None]
+            params, names = [p for p, _ in with_grad], [n for _, n in with_grad]
+        grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
+        local = [as_local_tensor(g) for g in grads] if local_grads is None else list(local_grads)
+        if per_tensor_norms is None or total_norm is None:
+            per_tensor_norms, total_norm = grad_norms(grads)
+        if not params:
+            return ClipResult(total_norm, total_norm, torch.full_like(total_norm, math.inf), torch.ones_like(total_norm))
+        if self._device != total_norm.device:
+            self._rule.to(total_norm.device)
+            self._device = total_norm.device
+        return self._clip(_Step(params, names, grads, local, per_tensor_norms, total_norm))
+
+    def _clip(self, step: _Step) -> ClipResult:
+        cap = None if self.max_norm is None else torch.full((), self.max_norm, device=step.total.device)
+        if self._rule.global_threshold:
+            threshold = self._rule.advance(step)
+            if cap is not None:
+                threshold = torch.minimum(threshold, cap)
+            coef = clip_coefficient(step.total, threshold, self.eps)
+            scale_(step.local_grads, coef)
+            return ClipResult(step.total, step.total * coef, threshold, coef)
+        clipped, threshold = self._rule.apply_(step, self.eps)
+        if cap is not None:
+            cap_coef = clip_coefficient(clipped, cap, self.eps)
+            scale_(step.local_grads, cap_coef)
+            clipped, threshold = clipped * cap_coef, torch.minimum(threshold, cap)
+        coef = torch.where(step.finite & (step.total > 0), clipped / step.total, torch.ones_like(clipped))
+        return ClipResult(step.total, torch.where(step.finite, clipped, step.total), threshold, coef)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The rule's statistics (tensors), enough for a resumed run to take the same decisions."""
+        return {"method": self.method, "rule": self._rule.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        method = state_dict.get("method", self.method)
+        if method != self.method:
+            raise ValueError(f"Expected a state dict of method {self.method!r} but got one of {method!r}")
+        self._rule.load_state_dict(state_dict.get("rule", {}))
+        self._device = None  # move the loaded state to the gradients' device at the next step

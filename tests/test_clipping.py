@@ -1,0 +1,638 @@
+"""GradientClipping in real Trainer.fit runs: step-by-step agreement with the reference implementations (zclip,
+autoclip, timm's AGC formula, torch), non-finite steps, the safe start, no host syncs, resume, logging, errors."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Optional, Union
+
+import pytest
+import torch
+from autoclip.torch import QuantileClip
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from zclip import ZClip
+
+from lightning_gradguard import GradientNormMonitor, HostSyncCounter
+from lightning_gradguard.callbacks.clipping import GradientClipping
+from lightning_gradguard.functional.clipping import GradientClipper
+from tests.helpers.models import TinyMLP, tiny_trainer
+from tests.helpers.tb import read_layout, read_scalars
+
+REFERENCE_SAFE_START_OFF = {"warmup_factor": None, "warmup_threshold": None}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# test-side callbacks: they run before / after the gradguard pipeline, in the Trainer's callback order
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class GradientEvents(Callback):
+    """Changes the gradients at given steps before gradguard sees them: a factor, or "nan" / "inf" in one element."""
+
+    def __init__(self, events: dict[int, Union[float, str]]) -> None:
+        self.events = events
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        event = self.events.get(trainer.global_step)
+        if event is None:
+            return
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if isinstance(event, str):
+            grads[0].view(-1)[0] = float(event)
+        else:
+            for g in grads:
+                g.mul_(event)
+
+
+class Snapshot(Callback):
+    """Copies of the gradients (and weights) of every step, as they are when this callback runs."""
+
+    def __init__(self) -> None:
+        self.grads: dict[int, list[torch.Tensor]] = {}
+        self.weights: dict[int, list[torch.Tensor]] = {}
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        params = [p for p in pl_module.parameters() if p.grad is not None]
+        self.grads[trainer.global_step] = [p.grad.detach().clone() for p in params]
+        self.weights[trainer.global_step] = [p.detach().clone() for p in params]
+
+
+class DropNonFinite(Callback):
+    """Stands in for a guard after clipping: a step with non-finite gradients does not update the model."""
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+        if not torch.isfinite(torch.nn.utils.get_total_norm(grads)):  # test-side host read
+            for p in pl_module.parameters():
+                p.grad = None
+
+
+class SyncCountingClipping(GradientClipping):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.syncs: list[int] = []
+
+    def process_step(self, trainer, pl_module, step):
+        with HostSyncCounter() as counter:
+            super().process_step(trainer, pl_module, step)
+        self.syncs.append(counter.total)
+
+
+def fit(tmp_path, clipping: Callback, before=(), after=(), model=None, max_steps=30, **trainer_kwargs):
+    tb = TensorBoardLogger(tmp_path, name="tb", version=0)
+    trainer = tiny_trainer(
+        tmp_path,
+        max_steps=max_steps,
+        callbacks=[*before, clipping, *after],
+        logger=tb,
+        log_every_n_steps=7,
+        **trainer_kwargs,
+    )
+    model = model if model is not None else TinyMLP(lr=0.05)
+    trainer.fit(model)
+    return read_scalars(tb.log_dir), model, trainer
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the references, replayed on the gradients the run saw
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _holder(grads: list[torch.Tensor], weights: Optional[list[torch.Tensor]] = None) -> nn.Module:
+    """A module whose parameters carry the recorded weights and a copy of the recorded gradients."""
+    module = nn.Module()
+    module.params = nn.ParameterList(
+        [nn.Parameter((w if weights is not None else torch.zeros_like(g)).clone()) for w, g in zip(weights or grads, grads)]
+    )
+    for p, g in zip(module.parameters(), grads):
+        p.grad = g.clone()
+    return module
+
+
+def replay_zclip(snap: Snapshot, **kwargs: Any) -> list[tuple[Optional[float], list[torch.Tensor]]]:
+    """zclip's clipped gradients, and its threshold at the steps where it clips (``None`` elsewhere: zclip has no
+    threshold for a norm it does not clip)."""
+    zclip = ZClip(mode="zscore", **kwargs)
+    out = []
+    for step in sorted(snap.grads):
+        module = _holder(snap.grads[step])
+        norm = torch.nn.utils.get_total_norm([p.grad for p in module.parameters()]).item()
+        threshold = (zclip._compute_clip_val(norm) if zclip.initialized else None) or math.inf
+        if zclip.max_grad_norm is not None:
+            threshold = min(threshold, zclip.max_grad_norm)
+        zclip.step(module)
+        out.append((threshold if threshold < norm else None, [p.grad for p in module.parameters()]))
+    return out
+
+
+def replay_autoclip(snap: Snapshot, quantile: float, history_length: int) -> list[tuple[float, list[torch.Tensor]]]:
+    module = _holder(snap.grads[0])
+    clipper = QuantileClip(list(module.parameters()), quantile=quantile, history_length=history_length, global_threshold=True)
+    out = []
+    for step in sorted(snap.grads):
+        for p, g in zip(module.parameters(), snap.grads[step]):
+            p.grad = g.clone()
+        history = clipper.state["global_history"]
+        threshold = torch.quantile(history, quantile).item() if len(history) else math.inf
+        clipper.step()
+        out.append((threshold, [p.grad.clone() for p in module.parameters()]))
+    return out
+
+
+def timm_adaptive_clip_grad(parameters, clip_factor=0.01, eps=1e-3, norm_type=2.0):
+    """timm.utils.agc.adaptive_clip_grad (pytorch-image-models, Apache-2.0), reproduced as the reference."""
+
+    def unitwise_norm(x, norm_type=2.0):
+        if x.ndim <= 1:
+            return x.norm(norm_type)
+        # works for nn.ConvNd and nn.Linear where output dim is first in the kernel/weight tensor
+        return x.norm(norm_type, dim=tuple(range(1, x.ndim)), keepdim=True)
+
+    for p in parameters:
+        if p.grad is None:
+            continue
+        p_data = p.detach()
+        g_data = p.grad.detach()
+        max_norm = unitwise_norm(p_data, norm_type=norm_type).clamp_(min=eps).mul_(clip_factor)
+        grad_norm = unitwise_norm(g_data, norm_type=norm_type)
+        clipped_grad = g_data * (max_norm / grad_norm.clamp(min=1e-6))
+        new_grads = torch.where(grad_norm < max_norm, g_data, clipped_grad)
+        p.grad.detach().copy_(new_grads)
+
+
+def replay_timm_agc(snap: Snapshot, clip_factor: float, eps: float) -> list[tuple[float, list[torch.Tensor]]]:
+    out = []
+    for step in sorted(snap.grads):
+        module = _holder(snap.grads[step], snap.weights[step])
+        limits = [
+            (w.norm(dim=tuple(range(1, w.ndim))) if w.ndim > 1 else w.norm().reshape(1)).clamp(min=eps) * clip_factor
+            for w in snap.weights[step]
+        ]
+        timm_adaptive_clip_grad(module.parameters(), clip_factor, eps)
+        out.append((torch.cat(limits).norm().item(), [p.grad for p in module.parameters()]))
+    return out
+
+
+def replay_torch(snap: Snapshot, clip: Callable, value: float) -> list[tuple[float, list[torch.Tensor]]]:
+    out = []
+    for step in sorted(snap.grads):
+        module = _holder(snap.grads[step])
+        clip(module.parameters(), value)
+        out.append((value, [p.grad for p in module.parameters()]))
+    return out
+
+
+SPIKES = {8: 30.0, 15: 50.0, 16: 0.2, 22: 40.0}
+
+REFERENCE_CASES = {
+    "zscore-adaptive": (
+        dict(method="zscore", alpha=0.9, z_thresh=2.0, warmup_steps=5, **REFERENCE_SAFE_START_OFF),
+        lambda snap: replay_zclip(snap, alpha=0.9, z_thresh=2.0, warmup_steps=5, max_grad_norm=None),
+    ),
+    "zscore-mean-capped": (
+        dict(method="zscore", zscore_mode="mean", warmup_steps=5, max_norm=2.0, **REFERENCE_SAFE_START_OFF),
+        lambda snap: replay_zclip(snap, warmup_steps=5, clip_option="mean", max_grad_norm=2.0),
+    ),
+    "quantile": (
+        dict(method="quantile", quantile=0.8, history_length=10, **REFERENCE_SAFE_START_OFF),
+        lambda snap: replay_autoclip(snap, quantile=0.8, history_length=10),
+    ),
+    "agc": (
+        dict(method="agc", agc_factor=0.02, agc_eps=1e-3, agc_exclude=()),
+        lambda snap: replay_timm_agc(snap, clip_factor=0.02, eps=1e-3),
+    ),
+    "norm": (dict(method="norm", max_norm=0.5), lambda snap: replay_torch(snap, torch.nn.utils.clip_grad_norm_, 0.5)),
+    "value": (dict(method="value", clip_value=0.05), lambda snap: replay_torch(snap, torch.nn.utils.clip_grad_value_, 0.05)),
+}
+
+
+@pytest.mark.parametrize("case", list(REFERENCE_CASES))
+def test_matches_reference_step_by_step(tmp_path, case):
+    """Same hyper-parameters, same gradient stream: the same clipped gradients and thresholds at every step."""
+    config, replay = REFERENCE_CASES[case]
+    before, after = Snapshot(), Snapshot()
+    scalars, _, _ = fit(tmp_path, GradientClipping(**config), before=[GradientEvents(SPIKES), before], after=[after])
+    reference = replay(before)
+    assert len(reference) == 30
+    clipped_steps = 0
+    for step, (threshold, ref_grads) in enumerate(reference):
+        ours = after.grads[step]
+        for a, b in zip(ours, ref_grads):
+            torch.testing.assert_close(a, b, rtol=2e-5, atol=1e-7)
+        ref_norm = torch.nn.utils.get_total_norm(ref_grads).item()
+        assert scalars["gradguard/grad_norm_clipped"][step] == pytest.approx(ref_norm, rel=2e-5)
+        pre = scalars["gradguard/grad_norm"][step]
+        clipped_steps += ref_norm < pre * (1 - 1e-6)
+        if threshold is None:
+            assert scalars["gradguard/clip_threshold"][step] >= pre * (1 - 1e-6)
+        else:
+            assert scalars["gradguard/clip_threshold"][step] == pytest.approx(threshold, rel=2e-5)
+        assert scalars["gradguard/clip_coef"][step] == pytest.approx(ref_norm / pre, rel=2e-5)
+    assert clipped_steps >= 3, "the stream must exercise the clipping, not only pass through"
+
+
+def test_zscore_statistics_match_zclip_state(tmp_path):
+    clipping = GradientClipping("zscore", warmup_steps=5, **REFERENCE_SAFE_START_OFF)
+    before = Snapshot()
+    fit(tmp_path, clipping, before=[GradientEvents(SPIKES), before])
+    zclip = ZClip(mode="zscore", warmup_steps=5, max_grad_norm=None)
+    for step in sorted(before.grads):
+        zclip.step(_holder(before.grads[step]))
+    ema = clipping.state_dict()["clippers"][0]["rule"]["ema"]
+    assert ema["mean"].item() == pytest.approx(zclip.mean, rel=1e-5)
+    assert ema["var"].item() == pytest.approx(zclip.var, rel=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# better where the references are wrong
+# ---------------------------------------------------------------------------------------------------------------
+
+ALL_METHODS = {
+    "zscore": {"warmup_steps": 6},
+    "quantile": {"method": "quantile", "warmup_steps": 6},
+    "adagc": {"method": "adagc", "warmup_steps": 6},
+    "agc": {"method": "agc"},
+    "norm": {"method": "norm", "max_norm": 1.0},
+    "value": {"method": "value", "clip_value": 0.05},
+}
+
+
+def assert_statistics_clean(state: dict) -> None:
+    """No NaN or Inf was ever written into a window, an EMA or a per-tensor EMA."""
+    for key, part in state.items():
+        if key == "warmup":
+            assert_statistics_clean(part)
+        elif key in ("history", "window", "evidence"):  # empty slots are NaN; filled ones must be finite
+            filled = int(min(part["count"].item(), part["values"].numel()))
+            assert int(torch.isfinite(part["values"]).sum()) == filled, key
+        elif key == "ema":
+            assert math.isfinite(part["mean"].item()) and math.isfinite(part["var"].item())
+        elif key == "gamma":
+            assert not torch.isnan(part).any()
+
+
+@pytest.mark.parametrize("method", list(ALL_METHODS))
+def test_nonfinite_steps_are_left_alone_and_a_later_spike_is_clipped_without_host_sync(tmp_path, method):
+    """NaN at step 12, Inf at step 14, a 1000x spike at step 17: the non-finite steps keep coefficient 1, nothing
+    finite becomes non-finite, the statistics stay clean, the spike is clipped; no host sync in any step."""
+    events = {12: "nan", 14: "inf", 17: 1000.0}
+    before, after = Snapshot(), Snapshot()
+    clipping = SyncCountingClipping(**ALL_METHODS[method])
+    scalars, model, _ = fit(
+        tmp_path, clipping, before=[GradientEvents(events), before], after=[after, DropNonFinite()], max_steps=20
+    )
+    assert clipping.syncs == [0] * 20
+    coef, threshold = scalars["gradguard/clip_coef"], scalars["gradguard/clip_threshold"]
+    for step in (12, 14):
+        assert coef[step] == 1.0
+        for a, b in zip(after.grads[step], before.grads[step]):
+            assert torch.equal(torch.isfinite(a), torch.isfinite(b))
+            assert torch.equal(a[torch.isfinite(a)], b[torch.isfinite(b)])
+    for step, grads in after.grads.items():
+        if step not in (12, 14):
+            assert all(torch.isfinite(g).all() for g in grads), f"step {step} made non-finite"
+    assert all(math.isfinite(v) for v in threshold.values())
+    if method == "value":
+        assert max(g.abs().max().item() for g in after.grads[17]) <= 0.05 * (1 + 1e-6)
+    else:
+        assert coef[17] < 0.02, "the spike after the non-finite steps must be clipped"
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert_statistics_clean(clipping.state_dict()["clippers"][0]["rule"])
+
+
+def test_nan_poisons_zclip_but_not_zscore(tmp_path):
+    """The same stream through zclip: its EMA turns NaN and the later spike passes; ours clips it."""
+    events = {12: "nan", 17: 1000.0}
+    before = Snapshot()
+    clipping = GradientClipping("zscore", warmup_steps=5, **REFERENCE_SAFE_START_OFF)
+    scalars, _, _ = fit(tmp_path, clipping, before=[GradientEvents(events), before], after=[DropNonFinite()], max_steps=20)
+    zclip = replay_zclip(before, warmup_steps=5, max_grad_norm=None)
+    spike_norm = torch.nn.utils.get_total_norm(zclip[17][1]).item()
+    assert spike_norm == pytest.approx(scalars["gradguard/grad_norm"][17], rel=1e-5), "zclip let the spike through"
+    assert scalars["gradguard/clip_coef"][17] < 0.02
+    ema = clipping.state_dict()["clippers"][0]["rule"]["ema"]
+    assert math.isfinite(ema["mean"].item()) and math.isfinite(ema["var"].item())
+
+
+@pytest.mark.parametrize("method", ["zscore", "quantile", "adagc"])
+@pytest.mark.parametrize("spike_step", [1, 2, 3])
+def test_safe_start_clips_an_early_spike(tmp_path, method, spike_step):
+    scalars, _, _ = fit(
+        tmp_path,
+        GradientClipping(method),
+        before=[GradientEvents({spike_step: 1000.0})],
+        max_steps=spike_step + 1,
+    )
+    norms = scalars["gradguard/grad_norm"]
+    assert norms[spike_step] > 100 * max(norms[s] for s in range(spike_step))
+    assert scalars["gradguard/clip_coef"][spike_step] < 0.01
+    assert scalars["gradguard/grad_norm_clipped"][spike_step] <= 3.0 * max(norms[s] for s in range(spike_step)) + 1e-6
+
+
+def test_first_step_is_clipped_at_warmup_threshold_and_zclip_lets_early_spikes_through(tmp_path):
+    before = Snapshot()
+    scalars, _, _ = fit(
+        tmp_path, GradientClipping(warmup_threshold=0.1), before=[GradientEvents({0: 1000.0, 2: 1000.0}), before], max_steps=3
+    )
+    assert scalars["gradguard/clip_threshold"][0] == pytest.approx(0.1)
+    assert scalars["gradguard/grad_norm_clipped"][0] == pytest.approx(0.1, rel=1e-5)
+    assert scalars["gradguard/clip_coef"][2] < 0.01
+    # ZClip without its absolute cap clips nothing during its warm-up
+    reference = replay_zclip(before, max_grad_norm=None)
+    assert all(threshold is None for threshold, _ in reference)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# AGC specifics
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ConvClassifier(TinyMLP):
+    """A conv layer (3-D weight), a zero-initialised hidden layer and a classifier head named ``head``."""
+
+    def __init__(self):
+        super().__init__(width=8, lr=0.5)
+        del self.net
+        self.conv = nn.Conv1d(1, 2, 3)
+        self.hidden = nn.Linear(12, 6)
+        nn.init.zeros_(self.hidden.weight)
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x):
+        h = self.conv(x.unsqueeze(1)).flatten(1)
+        return self.head(torch.relu(self.hidden(h)) + 0.1)
+
+
+def test_agc_excludes_the_head_keeps_zero_weights_learning_and_handles_conv(tmp_path):
+    before, after = Snapshot(), Snapshot()
+    scalars, model, _ = fit(
+        tmp_path, GradientClipping("agc"), before=[before], after=[after], model=ConvClassifier(), max_steps=6
+    )
+    names = [n for n, _ in model.named_parameters()]
+    clipped = [not n.startswith("head.") for n in names]
+    for step in sorted(before.grads):
+        module = _holder(before.grads[step], before.weights[step])
+        timm_adaptive_clip_grad([p for p, c in zip(module.parameters(), clipped) if c])
+        for name, ours, ref in zip(names, after.grads[step], module.parameters()):
+            torch.testing.assert_close(ours, ref.grad, rtol=2e-5, atol=1e-9, msg=name)
+        head = names.index("head.weight")
+        assert torch.equal(after.grads[step][head], before.grads[step][head]), "the head is excluded"
+    hidden = names.index("hidden.weight")
+    assert torch.count_nonzero(before.weights[0][hidden]) == 0
+    # the eps floor: the zero-initialised layer is clipped to 0.01 * 1e-3 per row, not to zero
+    row_norms = after.grads[0][hidden].norm(dim=1)
+    assert (row_norms > 0).any() and (row_norms <= 1e-5 * (1 + 1e-5)).all()
+    assert model.hidden.weight.abs().sum() > 0, "zero-initialised weights must move"
+    assert scalars["gradguard/clip_coef"][0] < 1.0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# state and resume
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("method", ["zscore", "quantile", "adagc"])
+def test_resume_from_checkpoint_is_bitwise_identical(tmp_path, method):
+    """Stopped at step 9 and resumed from its checkpoint: the same thresholds, clipped norms and parameters as the
+    uninterrupted run, bit for bit. One batch per epoch, so the data a step sees cannot depend on where Lightning
+    restarts the epoch."""
+    config = {"method": method, "warmup_steps": 4, "history_length": 8}
+    events = GradientEvents({7: 20.0, 13: 30.0})
+
+    def run(name, max_steps, ckpt_path=None):
+        tb = TensorBoardLogger(tmp_path, name=name, version=0)
+        checkpoint = ModelCheckpoint(dirpath=tmp_path / name, every_n_train_steps=9, save_top_k=-1)
+        trainer = tiny_trainer(
+            tmp_path,
+            max_steps=max_steps,
+            callbacks=[events, GradientClipping(**config), checkpoint],
+            logger=tb,
+            enable_checkpointing=True,
+            log_every_n_steps=5,
+        )
+        model = TinyMLP(lr=0.05, num_samples=8)
+        trainer.fit(model, ckpt_path=ckpt_path)
+        return read_scalars(tb.log_dir), model
+
+    straight, model_straight = run("straight", 18)
+    run("first", 9)
+    resumed, model_resumed = run("resumed", 18, ckpt_path=str(next((tmp_path / "first").glob("*step=9.ckpt"))))
+    for tag in ("gradguard/clip_threshold", "gradguard/grad_norm_clipped", "gradguard/clip_coef"):
+        assert sorted(resumed[tag]) == list(range(9, 18))
+        assert {s: straight[tag][s] for s in range(9, 18)} == resumed[tag], tag
+    assert min(straight["gradguard/clip_coef"][s] for s in range(9, 18)) < 1, "clipping must be active after resume"
+    for a, b in zip(model_straight.parameters(), model_resumed.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_state_dict_round_trip_and_old_checkpoints():
+    params = [nn.Parameter(torch.randn(3, 2)), nn.Parameter(torch.randn(3))]
+    clipping = GradientClipping("adagc", warmup_steps=2)
+    for i in range(4):
+        for p in params:
+            p.grad = torch.randn_like(p) * (i + 1)
+        clipping.clipper(0).clip_(params, names=["w", "b"])
+    state = clipping.state_dict()
+    other = GradientClipping("adagc", warmup_steps=2)
+    other.load_state_dict(state)
+    assert _equal(other.state_dict()["clippers"], state["clippers"])
+    restored = other.clipper(0).state_dict()
+    assert _equal(restored, state["clippers"][0])
+    for p in params:
+        p.grad = torch.ones_like(p) * 100
+    a = clipping.clipper(0).clip_(params, names=["w", "b"])
+    for p in params:
+        p.grad = torch.ones_like(p) * 100
+    b = other.clipper(0).clip_(params, names=["w", "b"])
+    assert torch.equal(a.threshold, b.threshold) and torch.equal(a.coef, b.coef)
+    fresh = GradientClipping("adagc")
+    fresh.load_state_dict({})  # a checkpoint from before this callback existed still loads
+    assert fresh.state_dict()["clippers"] == {}
+    with pytest.raises(ValueError, match="method 'zscore'"):
+        GradientClipper("zscore").load_state_dict(state["clippers"][0])
+
+
+def _equal(a: Any, b: Any) -> bool:
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_equal(a[k], b[k]) for k in a)
+    if isinstance(a, torch.Tensor):  # NaN marks an empty window slot: equal where both are NaN
+        return a.shape == b.shape and torch.equal(a.isnan(), b.isnan()) and torch.equal(a[~a.isnan()], b[~b.isnan()])
+    return a == b
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# logging, charts, the shared norm
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class ForeachNormCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.calls = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._foreach_norm.Scalar:
+            self.calls += 1
+        return func(*args, **(kwargs or {}))
+
+
+class CountingMonitor(GradientNormMonitor):
+    """Counts the norm computations of the whole gradguard pipeline in each step (the monitor runs it)."""
+
+    def __init__(self):
+        super().__init__(layer_interval=None)
+        self.norm_calls: list[int] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        with ForeachNormCounter() as counter:
+            super().on_before_optimizer_step(trainer, pl_module, optimizer)
+        self.norm_calls.append(counter.calls)
+
+
+def test_logs_every_step_with_monitor_and_computes_the_norm_once(tmp_path):
+    monitor = CountingMonitor()
+    scalars, _, trainer = fit(tmp_path, GradientClipping(), before=[monitor], max_steps=12)
+    assert monitor.norm_calls == [1] * 12, "one foreach norm per step for monitor and clipping together"
+    for tag in ("grad_norm", "grad_norm_clipped", "clip_threshold", "clip_coef"):
+        assert sorted(scalars[f"gradguard/{tag}"]) == list(range(12)), tag
+    for step in range(12):
+        norm, clipped = scalars["gradguard/grad_norm"][step], scalars["gradguard/grad_norm_clipped"][step]
+        assert clipped == pytest.approx(norm * scalars["gradguard/clip_coef"][step], rel=1e-6)
+        assert clipped <= scalars["gradguard/clip_threshold"][step] * (1 + 1e-6)
+    layout = read_layout(trainer.logger.log_dir)["gradguard"]
+    assert set(layout["gradient norm"]) == {
+        r"gradguard/(opt\d+/)?grad_norm(_clipped)?$",
+        r"gradguard/(opt\d+/)?clip_threshold$",
+    }
+    assert layout["clip coefficient"] == [r"gradguard/(opt\d+/)?clip_coef$"]
+
+
+def test_logs_the_norm_itself_without_monitor(tmp_path):
+    reference = Snapshot()
+    scalars, _, _ = fit(tmp_path, GradientClipping("norm", max_norm=0.3), before=[reference], max_steps=5)
+    for step, grads in reference.grads.items():
+        assert scalars["gradguard/grad_norm"][step] == pytest.approx(torch.nn.utils.get_total_norm(grads).item(), rel=1e-6)
+    assert all(v == pytest.approx(0.3, rel=1e-5) for v in scalars["gradguard/grad_norm_clipped"].values())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# errors
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_gradient_clip_val_as_well_is_refused_at_setup(tmp_path):
+    trainer = tiny_trainer(tmp_path, callbacks=[GradientClipping()], gradient_clip_val=0.5)
+    with pytest.raises(ValueError, match=r"gradient_clip_val=0\.5.*GradientClipping.*clipped twice"):
+        trainer.fit(TinyMLP())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"method": "clip"}, ValueError, r"Expected `method` to be one of .* but got 'clip'"),
+        ({"method": "norm"}, ValueError, r"Expected `max_norm` to be a positive number for method='norm' but got None"),
+        ({"method": "value"}, ValueError, r"Expected `clip_value` to be a positive number for method='value'"),
+        ({"clip_value": 0.1}, ValueError, r"Expected `clip_value` to be None for method='zscore' but got 0.1"),
+        ({"max_norm": -1.0}, ValueError, r"Expected `max_norm` to be a number in \(0, inf\) but got -1.0"),
+        ({"max_norm": "1"}, TypeError, r"Expected `max_norm` to be a number .* but got str '1'"),
+        ({"method": "quantile", "quantile": 1.5}, ValueError, r"Expected `quantile` to be a number in \(0, 1\] but got 1.5"),
+        ({"method": "quantile", "history_length": 0}, ValueError, r"`history_length` to be an integer >= 1 but got 0"),
+        ({"alpha": 1.0}, ValueError, r"Expected `alpha` to be a number in \(0, 1\) but got 1.0"),
+        ({"z_thresh": 0}, ValueError, r"Expected `z_thresh` to be a number in \(0, inf\) but got 0"),
+        ({"zscore_mode": "median"}, ValueError, r"Expected `zscore_mode` to be one of .* but got 'median'"),
+        ({"warmup_steps": 0}, ValueError, r"Expected `warmup_steps` to be an integer >= 1 but got 0"),
+        ({"warmup_factor": 0.5}, ValueError, r"Expected `warmup_factor` to be a number in \[1, inf\) but got 0.5"),
+        ({"warmup_threshold": math.nan}, ValueError, r"Expected `warmup_threshold` .* but got nan"),
+        ({"method": "agc", "agc_factor": 0}, ValueError, r"Expected `agc_factor` to be a number in \(0, inf\) but got 0"),
+        ({"method": "agc", "agc_exclude": "head"}, TypeError, r"`agc_exclude` to be a sequence of regular expressions"),
+        ({"method": "agc", "agc_exclude": ["("]}, ValueError, r"`agc_exclude` to hold valid regular expressions but got '\('"),
+        ({"method": "adagc", "adagc_beta": 1.0}, ValueError, r"Expected `adagc_beta` to be a number in \[0, 1\) but got 1.0"),
+        ({"flush_interval": 0}, ValueError, r"Expected `flush_interval` to be a positive integer or None but got 0"),
+    ],
+)
+def test_bad_arguments_fail_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        GradientClipping(**kwargs)
+
+
+def test_safe_start_holds_huge_first_gradients_until_they_come_down():
+    """Functional: norms that start at 500 and settle at 0.5 are clipped at ``warmup_threshold`` until they come
+    down, and the rule then follows the settled norms; norms that stay at 50 through the warm-up stay clipped near
+    1.0 (as with ZClip's default absolute cap), unless the safe start is turned off."""
+    param = nn.Parameter(torch.zeros(4))
+
+    def run(norms, **kwargs):
+        clipper = GradientClipper("zscore", warmup_steps=6, **kwargs)
+        out = []
+        for norm in norms:
+            param.grad = torch.full((4,), norm / 2.0)  # L2 norm of 4 equal entries: 2 * entry
+            out.append(clipper.clip_([param]))
+        return [r.threshold.item() for r in out], [r.clipped_norm.item() for r in out]
+
+    thresholds, clipped = run([500.0, 300.0, 100.0, 0.5, 0.6, 0.4] + [0.5] * 10)
+    assert thresholds[:4] == [1.0] * 4 and clipped[:3] == pytest.approx([1.0] * 3)
+    assert thresholds[4:6] == pytest.approx([1.5, 1.5])  # 3 x lower median of (0.5), (0.5, 0.6)
+    # ZClip from the clipped warm-up norms: a settled norm of 0.5 is no longer clipped
+    assert clipped[6:] == pytest.approx([0.5] * 10)
+    held, _ = run([50.0] * 40)
+    assert held == pytest.approx([1.0] * 40, rel=1e-3)
+    free, clipped = run([50.0] * 40, warmup_threshold=None)
+    assert clipped == pytest.approx([50.0] * 40), "without an absolute start, large steady norms pass"
+
+
+def adagc_port_clip(grads_stream, beta=0.98, lambda_abs=1.0, lambda_rel=1.05, warmup_steps=100, eps=1e-8):
+    """The clipping half of the public AdaGC port (pytorch_optimizer's ``AdaGC.step``), for plain gradient lists."""
+    gamma, out = None, []
+    for step, grads in enumerate(grads_stream, start=1):
+        if step < warmup_steps:
+            h = min(lambda_abs / (torch.nn.utils.get_total_norm(grads).item() + eps), 1.0)
+            clipped = [g * h for g in grads]
+            norms = [c.norm() for c in clipped]
+            gamma = norms if step == 1 else [min(a, b) for a, b in zip(gamma, norms)]
+        else:
+            clipped = [g * min(lambda_rel * y / g.norm(), 1.0) for g, y in zip(grads, gamma)]
+            gamma = [beta * y + (1 - beta) * c.norm() for y, c in zip(gamma, clipped)]
+        out.append(clipped)
+    return out
+
+
+def test_adagc_matches_the_public_port_formula():
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(6, 4), (6,), (3, 6), (3,)]
+    stream = [
+        [torch.randn(s, generator=gen) * (0.2 + 0.1 * i) * (8.0 if i in (9, 14) else 1.0) for s in shapes]
+        for i in range(20)
+    ]
+    reference = adagc_port_clip(stream, lambda_abs=0.5, warmup_steps=6)
+    # the port's warm-up is `step < warmup_steps` with steps counted from 1: 5 steps; its eps is added to the norm
+    clipper = GradientClipper("adagc", warmup_steps=5, warmup_factor=None, warmup_threshold=0.5, eps=1e-8)
+    params = [nn.Parameter(torch.zeros(s)) for s in shapes]
+    clipped_steps = 0
+    for grads, expected in zip(stream, reference):
+        for p, g in zip(params, grads):
+            p.grad = g.clone()
+        result = clipper.clip_(params)
+        for p, e in zip(params, expected):
+            torch.testing.assert_close(p.grad, e, rtol=1e-5, atol=1e-7)
+        assert result.clipped_norm.item() == pytest.approx(torch.nn.utils.get_total_norm(expected).item(), rel=1e-5)
+        clipped_steps += result.coef.item() < 1
+    assert clipped_steps >= 5
+
+
+def test_adagc_zero_gradient_does_not_freeze_a_tensor():
+    """A tensor with a zero gradient during the warm-up keeps learning afterwards (the port would pin its gamma to
+    0 and zero its gradient for good)."""
+    params = [nn.Parameter(torch.zeros(3)), nn.Parameter(torch.zeros(3))]
+    clipper = GradientClipper("adagc", warmup_steps=3)
+    for step in range(8):
+        params[0].grad = torch.full((3,), 0.1)
+        params[1].grad = torch.zeros(3) if step == 1 else torch.full((3,), 0.1)
+        clipper.clip_(params)
+    assert params[1].grad.norm().item() == pytest.approx(params[0].grad.norm().item())
+    assert params[1].grad.norm().item() > 0.1
+    assert adagc_port_clip([[torch.full((3,), 0.1), torch.zeros(3)]] + [[torch.full((3,), 0.1)] * 2] * 7, warmup_steps=4)[
+        -1
+    ][1].norm().item() == 0.0
