@@ -572,9 +572,9 @@ def test_safe_start_holds_huge_first_gradients_until_they_come_down():
             out.append(clipper.clip_([param]))
         return [r.threshold.item() for r in out], [r.clipped_norm.item() for r in out]
 
-    thresholds, clipped = run([500.0, 300.0, 100.0, 0.5, 0.6, 0.4] + [0.5] * 10)
+    thresholds, clipped = run([500.0, 300.0, 100.0, 0.1, 0.2, 0.4] + [0.5] * 10)
     assert thresholds[:4] == [1.0] * 4 and clipped[:3] == pytest.approx([1.0] * 3)
-    assert thresholds[4:6] == pytest.approx([1.5, 1.5])  # 3 x lower median of (0.5), (0.5, 0.6)
+    assert thresholds[4:6] == pytest.approx([0.3, 0.3])  # 3 x lower median of (0.1), (0.1, 0.2)
     # ZClip from the clipped warm-up norms: a settled norm of 0.5 is no longer clipped
     assert clipped[6:] == pytest.approx([0.5] * 10)
     held, _ = run([50.0] * 40)

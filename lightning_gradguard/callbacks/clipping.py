@@ -22,11 +22,11 @@ class GradientClipping(GradGuardCallback):
 
     ``GradientClipping()`` needs no threshold: it uses ZClip's z-score rule (EMA mean and variance of the global
     norm; a norm more than ``z_thresh`` standard deviations above the mean is clipped back towards the mean), with a
-    safe start instead of ZClip's unclipped warm-up: the threshold starts at ``warmup_threshold`` (1.0) and follows
-    ``warmup_factor`` (3) times the median of the norms it let through, so early spikes are clipped and never enter
-    the statistics, and a run whose first gradients are huge stays clipped until they come down (the threshold
-    doubles every ``warmup_steps`` consecutive clipped steps, so legitimately large norms are held back only for a
-    while). The EMA starts from the first ``warmup_steps`` norms let through.
+    safe start instead of ZClip's unclipped warm-up: for the first ``warmup_steps`` steps the threshold is
+    ``warmup_threshold`` (1.0, ZClip's default cap), lowered to ``warmup_factor`` (3) times the median of the norms
+    it let through, so an early spike is clipped and never enters the statistics. The EMA starts from the clipped
+    warm-up norms: a run whose norms stay above 1.0 (a too-high learning rate) stays clipped near 1.0; set
+    ``warmup_threshold`` to the scale of your norms (or ``None``) if they are legitimately larger.
     The other rules: ``"norm"`` (Lightning's ``gradient_clip_val``), ``"value"``, ``"quantile"`` (AutoClip),
     ``"agc"`` (unit-wise, NFNets) and ``"adagc"`` (per tensor); the math is in
     :class:`lightning_gradguard.functional.clipping.GradientClipper`, usable without Lightning.
@@ -102,26 +102,10 @@ class GradientClipping(GradGuardCallback):
         eps: float = 1e-6,
         flush_interval: Optional[int] = None,
     ) -> None:
+        arguments = dict(locals())
+        # every argument but flush_interval belongs to the clipping engine, under the same name
+        self._config = {k: v for k, v in arguments.items() if k not in ("self", "flush_interval", "__class__")}
         super().__init__(flush_interval=flush_interval)
-        self._config: dict[str, Any] = dict(
-            method=method,
-            max_norm=max_norm,
-            clip_value=clip_value,
-            quantile=quantile,
-            history_length=history_length,
-            alpha=alpha,
-            z_thresh=z_thresh,
-            zscore_mode=zscore_mode,
-            agc_factor=agc_factor,
-            agc_eps=agc_eps,
-            agc_exclude=tuple(agc_exclude) if not isinstance(agc_exclude, str) else agc_exclude,
-            adagc_beta=adagc_beta,
-            adagc_factor=adagc_factor,
-            warmup_steps=warmup_steps,
-            warmup_factor=warmup_factor,
-            warmup_threshold=warmup_threshold,
-            eps=eps,
-        )
         GradientClipper(**self._config)  # checks every argument now rather than at the first step
         self.method = method
         self._clippers: dict[int, GradientClipper] = {}  # one per optimizer, created at its first step

@@ -22,15 +22,14 @@ What this module adds to the references:
   left for a guard or AMP's scaler to deal with) and no statistic is updated; a finite gradient is never made
   non-finite (every coefficient is finite and in ``[0, 1]``).
 - **A safe start** for the adaptive rules (``quantile``, ``zscore``, ``adagc``) instead of an unclipped warm-up (ZClip
-  without its absolute cap lets early spikes through; autoclip does not clip its first step). Until
-  ``warmup_steps`` norms have been recorded, the threshold is ``warmup_threshold`` (1.0) before the first one and
-  then ``warmup_factor`` (3) times their (lower) median. Only norms the threshold did not clip are recorded: they
-  are evidence of the scale the run can take. So a spike, even on the second step, is clipped and never enters the
-  statistics, and a run whose first gradients are huge (a bad initialisation, a too-high learning rate) stays
-  clipped until its norms come down. The threshold doubles for every ``warmup_steps`` consecutive clipped steps,
-  so a run whose norms are legitimately larger is held back only for a while. Then the rule proper starts (ZClip's
-  EMA from the recorded norms). ``warmup_factor=None`` gives the references' warm-up instead: ``warmup_steps``
-  steps clipped at ``warmup_threshold`` (``None``: unclipped), with every norm recorded.
+  without its absolute cap lets early spikes through; autoclip does not clip its first step). During the first
+  ``warmup_steps`` finite steps the threshold is ``warmup_threshold`` (1.0, ZClip's default absolute cap), lowered
+  to ``warmup_factor`` (3) times the (lower) median of the norms it let through. A spike, even on the second step,
+  is clipped and never enters that median. The rule proper then starts from the norms as the warm-up clipped them
+  (ZClip's EMA takes clipped norms): a run whose norms stayed above ``warmup_threshold`` throughout (a bad
+  initialisation, a too-high learning rate) stays clipped near it, which is what rescues such runs; a run whose
+  norms are legitimately larger needs ``warmup_threshold`` at their scale, or ``None``. ``warmup_factor=None``
+  and ``warmup_threshold=None`` give the references' unclipped warm-up.
 - **An absolute cap** ``max_norm`` on top of any rule (for ``"norm"`` it is the rule).
 
 :class:`GradientClipper` holds a rule and its state for plain training loops; the callback
@@ -291,11 +290,12 @@ class _WarmUp:
         return self.window.count < self.steps
 
     def threshold(self) -> Tensor:
-        """``warmup_factor`` times the median of the norms let through so far, ``warmup_threshold`` before any."""
+        """``warmup_threshold``, lowered to ``warmup_factor`` times the median of the norms let through so far."""
         first = torch.full((), self.first_threshold, device=self.window.values.device)
         if self.factor is None:
             return first
-        return torch.where(self.evidence.count > 0, self.factor * self.evidence.median(), first)
+        relative = torch.minimum(first, self.factor * self.evidence.median())
+        return torch.where(self.evidence.count > 0, relative, first)
 
     def record(self, norm: Tensor, finite: Tensor, threshold: Tensor) -> Tensor:
         """Record this step's norm (``threshold``: this step's warm-up threshold) while the warm-up lasts; return
@@ -608,14 +608,12 @@ class GradientClipper:
             (default: a classifier head named ``head``, ``lm_head``, ``classifier`` or ``fc``).
         adagc_beta: ``"adagc"``: EMA weight of the past for the per-tensor norm, in ``[0, 1)``.
         adagc_factor: ``"adagc"``: the relative threshold ``lambda_rel`` (a tensor may grow by this factor).
-        warmup_steps: adaptive rules: how many norms the safe start records before the rule proper takes over;
-            ``None`` picks the reference default (``quantile`` 25, ``zscore`` 25 as in ZClip, ``adagc`` 100 as in
-            AdaGC). ``zscore`` starts its EMA from them; ``adagc`` clips globally during the warm-up.
-        warmup_factor: during the warm-up the threshold is this multiple of the median of the recorded norms
-            (which are the norms it did not clip). ``None``: the references' warm-up (every norm recorded, the
-            threshold is ``warmup_threshold`` throughout).
-        warmup_threshold: the warm-up threshold before any norm is recorded (``None``: unclipped); it doubles for
-            every ``warmup_steps`` consecutive clipped warm-up steps.
+        warmup_steps: adaptive rules: the length of the safe start, in finite steps; ``None`` picks the reference
+            default (``quantile`` 25, ``zscore`` 25 as in ZClip, ``adagc`` 100 as in AdaGC). ``zscore`` starts its
+            EMA from these steps' clipped norms; ``adagc`` clips globally during them.
+        warmup_factor: during the warm-up the threshold is at most this multiple of the median of the norms it let
+            through (``None``: no relative limit).
+        warmup_threshold: the warm-up threshold before that, and its upper bound (``None``: unbounded).
         eps: added to the norm in ``threshold / (norm + eps)``, as in ``clip_grad_norm_``.
 
     The threshold reported for ``"value"`` is ``clip_value``; for ``"agc"`` and ``"adagc"`` it is the global norm of
