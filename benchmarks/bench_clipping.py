@@ -89,7 +89,7 @@ def cases(params: list[nn.Parameter]) -> dict[str, Callable[[], None]]:
 
         holder = nn.Module()
         holder.params = nn.ParameterList(params)  # the same Parameter objects, so zclip sees the same gradients
-        zclip = ZClip(max_grad_norm=None)
+        zclip = ZClip()  # its defaults: z-score mode, absolute cap 1.0
         out["zclip"] = lambda: zclip.step(holder)
     except ImportError:  # pragma: no cover - test-only dependency
         pass

@@ -98,8 +98,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         for label, clip, default in variants:
             runs = [train(workload, args.size, seed, steps[workload], clip, default) for seed in args.seeds]
             table[workload][label] = summarise(runs)
-            print(f"{workload:12s} {label:24s} {fmt(table[workload][label])}  losses {table[workload][label]['losses']}",
-                  flush=True)
+            summary = table[workload][label]
+            print(f"{workload:12s} {label:24s} {fmt(summary)}  losses {summary['losses']}", flush=True)
 
     print(f"\n| variant | {' | '.join(f'{w} ({steps[w]} steps)' for w in args.workloads)} |")
     print(f"| --- | {' | '.join('---' for _ in args.workloads)} |")

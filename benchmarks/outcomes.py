@@ -62,11 +62,14 @@ def _autoclip_callback() -> Any:
     """AutoClip's own ``QuantileClip`` (defaults) applied where Lightning lets a callback touch the gradients."""
     from autoclip.torch import QuantileClip
     from lightning.pytorch.callbacks import Callback
+    from typing_extensions import override
 
     class AutoClipCallback(Callback):
+        @override
         def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
             self.clipper = QuantileClip(pl_module.parameters())
 
+        @override
         def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
             self.clipper.step()
 

@@ -14,7 +14,7 @@ that opens them.
 Every run uses one CPU thread: the models are small, and more threads only add contention on a shared machine.
 
     python examples/demo.py                       # about 2 minutes on 2 CPU cores
-    python examples/demo.py --workload rnn --steps 300
+    python examples/demo.py --workload mlp --steps 500
 """
 
 from __future__ import annotations
@@ -40,14 +40,15 @@ import torch  # noqa: E402
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
+from typing_extensions import override  # noqa: E402
 
 from examples.workloads import WORKLOADS, build_workload, evaluate  # noqa: E402
 from lightning_gradguard.callbacks.clipping import GradientClipping  # noqa: E402
 from lightning_gradguard.callbacks.guard import ExplosionGuard, GradientExplosionError  # noqa: E402
 from lightning_gradguard.callbacks.monitor import GradientNormMonitor  # noqa: E402
 
-DEFAULT_WORKLOAD = "mlp"
-DEFAULT_STEPS = 500
+DEFAULT_WORKLOAD = "transformer"
+DEFAULT_STEPS = 300
 DEFAULT_CLIP_VAL = 1.0
 RUN_NAMES = ("no_guard", "gradient_clip_val", "gradguard")
 
@@ -73,9 +74,11 @@ class StepProgress(Callback):
         self.total = total
         self.bar: Optional[Any] = None
 
+    @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.bar = tqdm(total=self.total, desc=self.description, unit="step", dynamic_ncols=True, leave=True)
 
+    @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, *args: Any) -> None:
         assert self.bar is not None
         self.bar.update(trainer.global_step - self.bar.n)

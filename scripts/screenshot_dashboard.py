@@ -117,7 +117,8 @@ def main(argv: list[str] | None = None) -> None:
     browser = find_browser()
     if not has_logs(args.logdir):
         print(f"no TensorBoard logs in {args.logdir}: running the demo first", flush=True)
-        subprocess.run([sys.executable, str(REPO_ROOT / "examples" / "demo.py"), "--log-dir", str(args.logdir)], check=True)
+        demo = [sys.executable, str(REPO_ROOT / "examples" / "demo.py"), "--log-dir", str(args.logdir)]
+        subprocess.run(demo, check=True)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     port = free_port()
     cmd = [sys.executable, "-m", "tensorboard.main", "--logdir", str(args.logdir), "--host", "127.0.0.1"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import inspect
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -74,7 +75,7 @@ def test_every_recipe_is_there():
     assert expected <= names, f"missing recipes: {sorted(expected - names)}"
     for config in CONFIGS:
         first = config.read_text().splitlines()[0]
-        assert first.startswith("# ") and len(first) > 20, f"{config.name} does not start with a comment saying what it demonstrates"
+        assert first.startswith("# ") and len(first) > 20, f"{config.name}: no first-line comment saying what it shows"
 
 
 @pytest.mark.parametrize("config", [c for c in CONFIGS if not _is_multiprocess(c)], ids=lambda c: c.stem)
@@ -114,7 +115,7 @@ def test_help_lists_every_callback_argument(capsys):
     for cls in CALLBACKS:
         assert f"class_path: {cls.__module__}.{cls.__name__}" in out
         for name in _init_args(cls):
-            assert f"--trainer.callbacks.{name} " in out or f"--trainer.callbacks.{name}\n" in out, f"{cls.__name__}.{name}"
+            assert re.search(rf"--trainer\.callbacks\.{name}\b", out), f"{cls.__name__}.{name} is not in --help"
 
 
 def test_print_config_shows_every_argument_of_each_recipe_callback(capsys):

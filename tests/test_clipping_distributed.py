@@ -30,7 +30,9 @@ def single_process(tmp_path, config):
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp2"])
 def test_ranks_agree_with_each_other_and_with_one_process(strategy, tmp_path):
     config = CASES[strategy]
-    results = run_workers("clip_dist", tmp_path / "dist", strategy=strategy, max_steps=MAX_STEPS, batch_size=8, **config)
+    results = run_workers(
+        "clip_dist", tmp_path / "dist", strategy=strategy, max_steps=MAX_STEPS, batch_size=8, **config
+    )
     ref_seen, ref_agc = single_process(tmp_path / "ref", config)
     rank0, rank1 = results
     # the same threshold and coefficient on every rank, bit for bit, at every step

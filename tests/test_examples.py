@@ -23,7 +23,7 @@ def restore_threads():
 
 def test_demo_shows_the_explosion_and_writes_the_runs_side_by_side(tmp_path, capsys, restore_threads):
     log_dir = tmp_path / "gradguard_logs"
-    results = demo.main(["--steps", str(STEPS), "--log-dir", str(log_dir)])
+    results = demo.main(["--workload", "mlp", "--steps", str(STEPS), "--log-dir", str(log_dir)])
     out = capsys.readouterr().out
 
     assert [r.run for r in results] == list(demo.RUN_NAMES)
@@ -39,13 +39,13 @@ def test_demo_shows_the_explosion_and_writes_the_runs_side_by_side(tmp_path, cap
     assert "gradguard/clip_coef" not in read_scalars(log_dir / "no_guard")
 
     # a second run replaces the curves of the first instead of adding a second series to the same directory
-    demo.main(["--steps", "2", "--log-dir", str(log_dir)])
+    demo.main(["--workload", "mlp", "--steps", "2", "--log-dir", str(log_dir)])
     assert sorted(read_scalars(log_dir / "gradguard")["gradguard/grad_norm"]) == [0, 1]
 
 
 def test_outcome_benchmark_quick_run(tmp_path, capsys):
     json_path = tmp_path / "results.json"
-    methods = ["none", "clip_val=1", "gradguard defaults"]
+    methods = ["none", "clip_val=1", "gradguard defaults", "zclip", "autoclip"]
     outcomes.main(["--quick", "--workloads", "mlp", "--methods", *methods, "--jobs", "1", "--json", str(json_path)])
     out = capsys.readouterr().out
 

@@ -158,7 +158,10 @@ class GradientClipping(GradGuardCallback):
     @override
     def charts(self) -> dict[str, list[str]]:
         return {
-            "gradient norm": [rf"{TAG_PREFIX}/(opt\d+/)?grad_norm(_clipped)?$", rf"{TAG_PREFIX}/(opt\d+/)?clip_threshold$"],
+            "gradient norm": [
+                rf"{TAG_PREFIX}/(opt\d+/)?grad_norm(_clipped)?$",
+                rf"{TAG_PREFIX}/(opt\d+/)?clip_threshold$",
+            ],
             "clip coefficient": [rf"{TAG_PREFIX}/(opt\d+/)?clip_coef$"],
         }
 

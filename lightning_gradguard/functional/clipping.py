@@ -26,9 +26,10 @@ What this module adds to the references:
   ``warmup_steps`` finite steps the threshold is ``warmup_threshold`` (1.0, ZClip's default absolute cap), lowered
   to ``warmup_factor`` (3) times the (lower) median of the norms it let through. A spike, even on the second step,
   is clipped and never enters that median. The rule proper then starts from the norms as the warm-up clipped them
-  (ZClip's EMA takes clipped norms): a run whose norms stayed above ``warmup_threshold`` throughout (a bad
-  initialisation, a too-high learning rate) stays clipped near it, which is what rescues such runs; a run whose
-  norms are legitimately larger needs ``warmup_threshold`` at their scale, or ``None``. ``warmup_factor=None``
+  (ZClip's EMA takes clipped norms): with ``zscore`` and ``adagc``, a run whose norms stayed above
+  ``warmup_threshold`` throughout (a bad initialisation, a too-high learning rate) stays clipped near it, which is
+  what rescues such runs; a run whose norms are legitimately larger needs ``warmup_threshold`` at their scale, or
+  ``None``. ``warmup_factor=None``
   and ``warmup_threshold=None`` give the references' unclipped warm-up.
 - **An absolute cap** ``max_norm`` on top of any rule (for ``"norm"`` it is the rule).
 
@@ -449,7 +450,8 @@ class _AgcRule(_Rule):
         scale_(step.local_grads, [c.view(shape) for c, shape in zip(torch.split(coef, layout.units), layout.shapes)])
         # exact norms from the units (each was scaled as a whole): no second pass over the gradients. The threshold
         # reported is the global norm a gradient has when every clipped unit sits exactly at its limit.
-        limits = torch.where(layout.clipped, weight_norms.clamp(min=self.eps) * self.clip_factor, torch.zeros_like(coef))
+        limits = weight_norms.clamp(min=self.eps) * self.clip_factor
+        limits = torch.where(layout.clipped, limits, torch.zeros_like(limits))
         clipped_norm, threshold = self._global_norms(step, layout, torch.stack([unit_norms * coef, limits]))
         return clipped_norm, threshold
 
@@ -696,7 +698,9 @@ class GradientClipper:
                 _number(alpha, "alpha", high=1.0), _number(z_thresh, "z_thresh"), zscore_mode, self.eps, warmup
             )
         elif method == "agc":
-            self._rule = _AgcRule(_number(agc_factor, "agc_factor"), _number(agc_eps, "agc_eps"), _patterns(agc_exclude))
+            self._rule = _AgcRule(
+                _number(agc_factor, "agc_factor"), _number(agc_eps, "agc_eps"), _patterns(agc_exclude)
+            )
         else:
             self._rule = _AdaGCRule(
                 _number(adagc_beta, "adagc_beta", closed="[)", high=1.0), _number(adagc_factor, "adagc_factor"), warmup
@@ -735,7 +739,8 @@ class GradientClipper:
         if per_tensor_norms is None or total_norm is None:
             per_tensor_norms, total_norm = grad_norms(grads)
         if not params:
-            return ClipResult(total_norm, total_norm, torch.full_like(total_norm, math.inf), torch.ones_like(total_norm))
+            nothing = torch.full_like(total_norm, math.inf)
+            return ClipResult(total_norm, total_norm, nothing, torch.ones_like(total_norm))
         if self._device != total_norm.device:
             self._rule.to(total_norm.device)
             self._device = total_norm.device

@@ -88,5 +88,10 @@ if __name__ == "__main__":
     write_result(
         out,
         trainer,
-        {"rank": trainer.global_rank, "seen": clipping.seen, "agc": probe.seen if probe else [], "params": full_state(model)},
+        {
+            "rank": trainer.global_rank,
+            "seen": clipping.seen,
+            "agc": probe.seen if probe else [],
+            "params": full_state(model),
+        },
     )
