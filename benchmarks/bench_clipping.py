@@ -42,11 +42,14 @@ def _gradguard(params: list[nn.Parameter], config: dict, flush_every: int = 50) 
     counter = [0]
 
     def step() -> None:
-        grad_step = GradStep(runtime, counter[0], optimizer, 0, params, names, multi_optimizer=False)
+        grad_step = GradStep(
+            runtime, counter[0], optimizer, 0, params, names, multi_optimizer=False,
+            with_unit_norms=clipping.needs_unit_norms,
+        )
         clipping.process_step(None, None, grad_step)  # type: ignore[arg-type]
         counter[0] += 1
         if counter[0] % flush_every == 0:
-            runtime.buffer.flush()
+            runtime.buffer.flush()  # as the runtime's flush: the sinks run (the clipper learns its warm-up ended)
 
     return step
 

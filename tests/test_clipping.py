@@ -681,3 +681,79 @@ def test_gradient_clip_val_as_well_is_refused_at_setup(tmp_path):
 def test_bad_arguments_fail_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
         GradientClipping(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the warm-up hint: once a flush has shown the safe start is over, the rules skip it, with the same results
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _gradient_stream(steps: int, seed: int = 0) -> list[list[torch.Tensor]]:
+    gen = torch.Generator().manual_seed(seed)
+    stream = []
+    for step in range(steps):
+        scale = 50.0 if step in (14, 21) else 1.0  # spikes after the warm-up
+        grads = [torch.randn(6, 5, generator=gen) * scale, torch.randn(5, generator=gen) * scale]
+        if step == 16:
+            grads[0][0, 0] = float("inf")
+        if step == 18:
+            grads[1][2] = float("nan")
+        stream.append(grads)
+    return stream
+
+
+@pytest.mark.parametrize("method", ["zscore", "quantile", "adagc"])
+def test_warmup_hint_changes_no_bit(method):
+    """Two clippers on the same gradient stream (spikes, an Inf and a NaN step after the warm-up); one is told the
+    warm-up is over as soon as the test reads that it is: thresholds, norms and clipped gradients stay bitwise
+    equal, and an Inf step leaves the statistics as they were."""
+    plain, hinted = GradientClipper(method, warmup_steps=5), GradientClipper(method, warmup_steps=5)
+    told_at = None
+    for step, grads in enumerate(_gradient_stream(26)):
+        params = []
+        for clipper in (plain, hinted):
+            ps = [nn.Parameter(torch.zeros_like(g)) for g in grads]
+            for p, g in zip(ps, grads):
+                p.grad = g.clone()
+            before = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in _flat_state(clipper).items()}
+            result = clipper.clip_(ps, names=["w", "b"])
+            params.append((ps, result, before))
+        (ps_a, res_a, before_a), (ps_b, res_b, _) = params
+        for a, b in zip(res_a, res_b):
+            assert torch.equal(a, b) or (a.isnan().all() and b.isnan().all()), (step, res_a, res_b)
+        for a, b in zip(ps_a, ps_b):
+            assert torch.equal(a.grad.nan_to_num(), b.grad.nan_to_num()), step
+        if step == 16:  # the Inf step: no statistic moved
+            after = _flat_state(plain)
+            for key, value in before_a.items():
+                assert torch.equal(torch.as_tensor(value).nan_to_num(), torch.as_tensor(after[key]).nan_to_num()), key
+        active = hinted.warmup_active()
+        if active is not None and not active.item():  # test-side host read
+            hinted.warmup_finished()
+            told_at = step
+    assert told_at == 4, "the warm-up of 5 finite steps ends after step 4"
+    assert hinted.warmup_active() is None and plain.warmup_active() is not None
+
+
+def _flat_state(clipper: GradientClipper) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+
+    def walk(prefix: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}", v)
+        elif isinstance(value, torch.Tensor):
+            out[prefix] = value.clone()
+
+    walk("", clipper.state_dict())
+    return out
+
+
+@pytest.mark.parametrize("warmup_steps, expect_over", [(3, True), (100, False)])
+def test_callback_learns_the_warmup_end_from_the_flush(tmp_path, warmup_steps, expect_over):
+    """The callback rides the flush's host read: after the warm-up and a flush the clipper skips the warm-up; while
+    the warm-up lasts it does not; every step stays free of host syncs either way."""
+    clipping = SyncCountingClipping("zscore", warmup_steps=warmup_steps)
+    fit(tmp_path, clipping, max_steps=20)
+    assert (clipping.clipper(0).warmup_active() is None) == expect_over
+    assert clipping.syncs and set(clipping.syncs) == {0}

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_gradguard import HostSyncCounter
-from lightning_gradguard.functional import grad_norms, total_norm, validate_norm_type
+from lightning_gradguard.functional import grad_norms, total_norm, unit_norms, validate_norm_type
 
 SHAPES = [(7,), (3, 5), (2, 3, 4), (1,), (64, 33), (5, 1, 2, 2)]
 
@@ -108,3 +108,27 @@ def test_invalid_norm_type(value, error, match):
 def test_norm_type_strings_and_ints():
     assert validate_norm_type("inf") == math.inf
     assert validate_norm_type(2) == 2.0
+
+
+def test_unit_norms_give_rows_tensors_and_total_in_one_pass():
+    """Row norms of tensors with two or more dimensions, whole-tensor norms of the others, and the per-tensor and
+    global norms they add up to, equal to the direct computations; no host sync."""
+    tensors = _mixed_tensors([torch.float32, torch.bfloat16])
+    with HostSyncCounter() as counter:
+        result = unit_norms(tensors)
+    assert counter.total == 0, dict(counter.counts)
+    expected_units = torch.cat(
+        [
+            torch.linalg.vector_norm(t.float(), dim=tuple(range(1, t.ndim))) if t.ndim > 1
+            else torch.linalg.vector_norm(t.float()).reshape(1)
+            for t in tensors
+        ]
+    )
+    assert result.counts == [t.shape[0] if t.ndim > 1 else 1 for t in tensors]
+    torch.testing.assert_close(result.units, expected_units, rtol=1e-6, atol=0)
+    per_tensor, total = grad_norms(tensors)
+    torch.testing.assert_close(result.per_tensor, per_tensor, rtol=1e-6, atol=0)
+    torch.testing.assert_close(result.total, total, rtol=1e-6, atol=0)
+    assert result.units.dtype == result.per_tensor.dtype == torch.float32
+    empty = unit_norms([])
+    assert empty.units.numel() == 0 and empty.total.item() == 0.0 and empty.counts == []

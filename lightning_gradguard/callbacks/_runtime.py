@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-from lightning_gradguard.functional.norms import as_local_tensor, grad_norms
+from lightning_gradguard.functional.norms import as_local_tensor, grad_norms, unit_norms
 from lightning_gradguard.logging.buffer import DeferredBuffer, FlushResult
 from lightning_gradguard.logging.tensorboard import find_tensorboard_writer, histogram_stats, write_histogram, write_layout
 
@@ -50,6 +50,8 @@ class GradStep:
             (``DTensor`` under FSDP2); ``local_grads`` are the local shards, views that in-place ops write through.
         per_tensor_norms, total_norm: full-tensor L2 norms before any stage changed the gradients (float32,
             on the device).
+        unit_norms: the row-wise norms (:func:`~lightning_gradguard.functional.norms.unit_norms`) when a stage
+            asked for them (``needs_unit_norms``), computed in the same pass as the norms above; else ``None``.
         nonfinite: device bool, ``True`` when the global norm is NaN or Inf.
         clip_coef, clip_threshold, clipped_norm: set by the clipping stage (device tensors) or ``None``.
         skipped: set by the guard when it decided (on the host) that this step must not change anything.
@@ -64,6 +66,7 @@ class GradStep:
         params: list[Tensor],
         names: list[str],
         multi_optimizer: bool,
+        with_unit_norms: bool = False,
     ) -> None:
         self.runtime = runtime
         self.step = step
@@ -74,7 +77,11 @@ class GradStep:
         self.grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
         self.local_grads: list[Tensor] = [as_local_tensor(g) for g in self.grads]
         self._multi_optimizer = multi_optimizer
-        self.per_tensor_norms, self.total_norm = grad_norms(self.grads, 2.0)
+        self.unit_norms: Optional[Tensor] = None
+        if with_unit_norms:  # a stage needs row norms (AGC): they give the tensors' norms in the same pass
+            self.unit_norms, self.per_tensor_norms, self.total_norm, _ = unit_norms(self.grads)
+        else:
+            self.per_tensor_norms, self.total_norm = grad_norms(self.grads, 2.0)
         self.nonfinite: Tensor = ~torch.isfinite(self.total_norm)
         self.clip_coef: Optional[Tensor] = None
         self.clip_threshold: Optional[Tensor] = None
@@ -176,6 +183,7 @@ class Runtime:
         idx = next((i for i, o in enumerate(optimizers) if o is optimizer), 0)
         params, names = self._params_of(optimizer, pl_module)
         with_grad = [(p, n) for p, n in zip(params, names) if p.grad is not None]
+        callbacks = callbacks_of(trainer)
         step = GradStep(
             self,
             trainer.global_step,
@@ -184,9 +192,10 @@ class Runtime:
             [p for p, _ in with_grad],
             [n for _, n in with_grad],
             multi_optimizer=len(optimizers) > 1,
+            with_unit_norms=any(cb.needs_unit_norms for cb in callbacks),
         )
         self.current = step
-        for cb in callbacks_of(trainer):
+        for cb in callbacks:
             if step.skipped:
                 break
             cb.process_step(trainer, pl_module, step)

@@ -78,6 +78,8 @@ class GradGuardCallback(Callback):
     """
 
     stage: int = STAGE_MONITOR
+    needs_unit_norms: bool = False
+    """whether :meth:`process_step` uses the row-wise gradient norms (``GradStep.unit_norms``)"""
 
     def __init__(self, flush_interval: Optional[int] = None) -> None:
         self.flush_interval = check_positive_int(flush_interval, "flush_interval", allow_none=True)

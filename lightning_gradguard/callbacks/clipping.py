@@ -108,9 +108,11 @@ class GradientClipping(GradGuardCallback):
         super().__init__(flush_interval=flush_interval)
         GradientClipper(**self._config)  # checks every argument now rather than at the first step
         self.method = method
+        self.needs_unit_norms = method == "agc"  # the pipeline then computes row norms with the step's norms
         self._clippers: dict[int, GradientClipper] = {}  # one per optimizer, created at its first step
         self._loaded: dict[int, dict[str, Any]] = {}  # checkpointed state of clippers not created yet
         self._logs_norm = True
+        self._warmup_asked: set[int] = set()  # optimizers whose warm-up state is waiting in the log buffer
 
     @property
     @override
@@ -128,6 +130,7 @@ class GradientClipping(GradGuardCallback):
             )
         # the monitor logs the pre-clip norm; logging it here as well would write the tag twice per step
         self._logs_norm = not any(isinstance(cb, GradientNormMonitor) for cb in callbacks_of(trainer))
+        self._warmup_asked = set()
 
     def clipper(self, optimizer_idx: int = 0) -> GradientClipper:
         """The clipping engine (and statistics) of the optimizer with index ``optimizer_idx``."""
@@ -140,12 +143,14 @@ class GradientClipping(GradGuardCallback):
 
     @override
     def process_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: GradStep) -> None:
-        result = self.clipper(step.optimizer_idx).clip_(
+        clipper = self.clipper(step.optimizer_idx)
+        result = clipper.clip_(
             step.params,
             names=step.names,
             per_tensor_norms=step.per_tensor_norms,
             total_norm=step.total_norm,
             local_grads=step.local_grads,
+            unit_grad_norms=step.unit_norms,
         )
         step.clip_coef, step.clip_threshold, step.clipped_norm = result.coef, result.threshold, result.clipped_norm
         names = ["grad_norm_clipped", "clip_threshold", "clip_coef"]
@@ -154,6 +159,25 @@ class GradientClipping(GradGuardCallback):
             names.append("grad_norm")
             values.append(result.total_norm)
         step.log_vector([step.tag(name) for name in names], torch.stack(values))
+        self._ask_about_warmup(step, clipper)
+
+    def _ask_about_warmup(self, step: GradStep, clipper: GradientClipper) -> None:
+        """Ride the next flush's host read to learn when the safe start is over, so the clipper can stop evaluating
+        it (same results, fewer device operations per step). One tiny entry per flush while the warm-up lasts."""
+        if step.optimizer_idx in self._warmup_asked:
+            return
+        active = clipper.warmup_active()
+        if active is None or not step.runtime.writes_logs:  # no flush reads anything on this rank
+            return
+        idx = step.optimizer_idx
+        self._warmup_asked.add(idx)
+
+        def answer(_step: int, values: list) -> None:
+            self._warmup_asked.discard(idx)
+            if values[0] == 0.0 and self._clippers.get(idx) is clipper:
+                clipper.warmup_finished()
+
+        step.log_custom(active.reshape(1), answer)
 
     @override
     def charts(self) -> dict[str, list[str]]:

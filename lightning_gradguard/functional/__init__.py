@@ -12,7 +12,14 @@ from lightning_gradguard.functional.clipping import (
     zscore_threshold,
 )
 from lightning_gradguard.functional.detection import SpikeCheck, SpikeDetector, spike_score, top_layers
-from lightning_gradguard.functional.norms import as_local_tensor, grad_norms, total_norm, validate_norm_type
+from lightning_gradguard.functional.norms import (
+    UnitNorms,
+    as_local_tensor,
+    grad_norms,
+    total_norm,
+    unit_norms,
+    validate_norm_type,
+)
 from lightning_gradguard.functional.quantization import (
     GradientQuantizer,
     QuantizationStats,
@@ -31,6 +38,7 @@ __all__ = [
     "RunningWindow",
     "SpikeCheck",
     "SpikeDetector",
+    "UnitNorms",
     "adagc_coefficients",
     "agc_coefficients",
     "as_local_tensor",
@@ -44,6 +52,7 @@ __all__ = [
     "spike_score",
     "top_layers",
     "total_norm",
+    "unit_norms",
     "unitwise_norms",
     "validate_norm_type",
     "zscore_threshold",

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from lightning_gradguard.functional.norms import _reduce_sharded, as_local_tensor, grad_norms
+from lightning_gradguard.functional.norms import _reduce_sharded, as_local_tensor, grad_norms, unit_norms
 from lightning_gradguard.functional.stats import EmaMoments, RunningWindow
 
 __all__ = [
@@ -232,6 +232,7 @@ class _Step:
         local_grads: list[Tensor],
         per_tensor: Tensor,
         total: Tensor,
+        units: Optional[Tensor] = None,
     ) -> None:
         self.params = params
         self.names = names
@@ -239,6 +240,7 @@ class _Step:
         self.local_grads = local_grads
         self.per_tensor = per_tensor
         self.total = total
+        self.units = units  # unit-wise gradient norms (see `unit_norms`) when already computed
         self.finite = torch.isfinite(total)
 
 
@@ -286,6 +288,10 @@ class _WarmUp:
         self.first_threshold = math.inf if threshold is None else float(threshold)
         self.window = RunningWindow(max(steps, 1))
         self.evidence = RunningWindow(max(steps, 1))
+        # host-side hint that the warm-up is over (see GradientClipper.warmup_finished); only ever set from a value
+        # read back elsewhere, never by reading here. The rules then skip the warm-up arithmetic, whose result
+        # would be the same bits (every warm-up term is masked off once `active()` is False).
+        self.over = steps == 0
 
     def active(self) -> Tensor:
         return self.window.count < self.steps
@@ -317,6 +323,7 @@ class _WarmUp:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.window.load_state_dict(state_dict.get("window", {}))
         self.evidence.load_state_dict(state_dict.get("evidence", {}))
+        self.over = self.steps == 0  # the loaded state may be mid-warm-up: learn it again
 
 
 class _NormRule(_Rule):
@@ -337,9 +344,12 @@ class _QuantileRule(_Rule):
         return {"history": self.history, "warmup": self.warmup}
 
     def advance(self, step: _Step) -> Tensor:
-        warm, warm_threshold = self.warmup.active(), self.warmup.threshold()
         from_history = self.history.quantile(self.quantile)
         from_history = torch.where(self.history.count > 0, from_history, torch.full_like(from_history, math.inf))
+        if self.warmup.over:  # what the general path computes once the warm-up is over, without its masked terms
+            self.history.append(step.total, step.finite)
+            return from_history
+        warm, warm_threshold = self.warmup.active(), self.warmup.threshold()
         threshold = torch.where(warm, torch.minimum(from_history, warm_threshold), from_history)
         clipped = self.warmup.record(step.total, step.finite, warm_threshold)
         # like autoclip, the history takes the norm before clipping; during the warm-up, as the warm-up clipped it
@@ -359,15 +369,18 @@ class _ZScoreRule(_Rule):
         return {"ema": self.ema, "warmup": self.warmup}
 
     def advance(self, step: _Step) -> Tensor:
-        warm, warm_threshold = self.warmup.active(), self.warmup.threshold()
         ema_threshold = zscore_threshold(step.total, self.ema.mean, self.ema.var, self.z_thresh, self.mode, self.eps)
+        if self.warmup.over:  # what the general path computes once the warm-up is over, without its masked terms
+            self.ema.update(torch.minimum(step.total, ema_threshold), step.finite)
+            return ema_threshold
+        warm, warm_threshold = self.warmup.active(), self.warmup.threshold()
         threshold = torch.where(warm, warm_threshold, ema_threshold)
         self.warmup.record(step.total, step.finite, warm_threshold)
         # the step that fills the warm-up window starts the EMA from it, as ZClip does
         window = self.warmup.window
         self.ema.start(window.mean(), window.variance(), warm & ~self.warmup.active())
         # after the warm-up the EMA takes the clipped norm (ZClip): a spike moves it only up to its threshold
-        self.ema.update(torch.minimum(step.total, ema_threshold), ~warm)
+        self.ema.update(torch.minimum(step.total, ema_threshold), ~warm & step.finite)
         return threshold
 
 
@@ -431,28 +444,18 @@ class _AgcRule(_Rule):
 
     def apply_(self, step: _Step, eps: float) -> tuple[Tensor, Tensor]:
         layout = self._layout_of(step)
-        weight_units: list[Optional[Tensor]] = [None] * len(step.params)
-        grad_units: list[Optional[Tensor]] = [None] * len(step.params)
-        # rows: FSDP2 shards on dim 0, so every rank holds whole rows and their norms are local
-        for i in layout.with_rows:
-            weight_units[i] = unitwise_norms(as_local_tensor(step.params[i].detach()))
-            grad_units[i] = unitwise_norms(step.local_grads[i])
-        if layout.without_rows:
-            # a bias is one unit: its full-tensor norm, reduced over shards for the weights as for the gradients
-            params = [step.params[i].detach() for i in layout.without_rows]
-            weights = grad_norms(params, device=step.total.device)[0]
-            for k, i in enumerate(layout.without_rows):
-                weight_units[i] = weights[k : k + 1]
-                grad_units[i] = step.per_tensor[i : i + 1]
-        weight_norms, unit_norms = torch.cat(weight_units), torch.cat(grad_units)  # type: ignore[arg-type]
-        coef = agc_coefficients(weight_norms, unit_norms, self.clip_factor, self.eps)
+        # rows: FSDP2 shards on dim 0, so every rank holds whole rows and their norms are local; a bias is one
+        # unit, its full-tensor norm (reduced over shards)
+        weight_norms = unit_norms([p.detach() for p in step.params], device=step.total.device).units
+        grad_units = step.units if step.units is not None else unit_norms(step.grads, device=step.total.device).units
+        coef = agc_coefficients(weight_norms, grad_units, self.clip_factor, self.eps)
         coef = torch.where(layout.clipped & step.finite, coef, torch.ones_like(coef))
         scale_(step.local_grads, [c.view(shape) for c, shape in zip(torch.split(coef, layout.units), layout.shapes)])
         # exact norms from the units (each was scaled as a whole): no second pass over the gradients. The threshold
         # reported is the global norm a gradient has when every clipped unit sits exactly at its limit.
         limits = weight_norms.clamp(min=self.eps) * self.clip_factor
         limits = torch.where(layout.clipped, limits, torch.zeros_like(limits))
-        clipped_norm, threshold = self._global_norms(step, layout, torch.stack([unit_norms * coef, limits]))
+        clipped_norm, threshold = self._global_norms(step, layout, torch.stack([grad_units * coef, limits]))
         return clipped_norm, threshold
 
     @staticmethod
@@ -528,23 +531,29 @@ class _AdaGCRule(_Rule):
     def apply_(self, step: _Step, eps: float) -> tuple[Tensor, Tensor]:
         index = self._index_of(step)
         gamma = self.gamma.index_select(0, index)
-        warm = self.warmup.active()
-        warm_threshold = self.warmup.threshold()
-        # warm-up: plain global clipping (AdaGC clips at an absolute lambda_abs here; the safe start instead)
-        global_coef = clip_coefficient(step.total, warm_threshold, eps)
-        coef = torch.where(warm, global_coef.expand_as(gamma), adagc_coefficients(step.per_tensor, gamma, self.factor))
+        coef = adagc_coefficients(step.per_tensor, gamma, self.factor)
+        over = self.warmup.over  # host hint: the warm-up terms below would all be masked off
+        if not over:
+            warm = self.warmup.active()
+            warm_threshold = self.warmup.threshold()
+            # warm-up: plain global clipping (AdaGC clips at an absolute lambda_abs here; the safe start instead)
+            global_coef = clip_coefficient(step.total, warm_threshold, eps)
+            coef = torch.where(warm, global_coef.expand_as(gamma), coef)
         coef = torch.where(step.finite, coef, torch.ones_like(coef))
         scale_(step.local_grads, coef.unbind(0))
         clipped = step.per_tensor * coef  # exact: each tensor was scaled as a whole; full-tensor under FSDP2
-        ema = torch.where(torch.isinf(gamma), clipped, self.beta * gamma + (1 - self.beta) * clipped)
-        updated = torch.where(warm, torch.minimum(gamma, clipped), ema)
+        updated = torch.where(torch.isinf(gamma), clipped, self.beta * gamma + (1 - self.beta) * clipped)
+        if not over:
+            updated = torch.where(warm, torch.minimum(gamma, clipped), updated)
         # a zero gradient says nothing about a tensor's scale: its gamma stays as it was
         informative = step.finite & (step.per_tensor > 0)
         self.gamma = self.gamma.index_copy(0, index, torch.where(informative, updated, gamma))
-        self.warmup.record(step.total, step.finite, warm_threshold)
         limits = self.factor * gamma
-        relative = torch.linalg.vector_norm(torch.where(torch.isfinite(limits), limits, torch.zeros_like(limits)))
-        return torch.linalg.vector_norm(clipped), torch.where(warm, warm_threshold, relative)
+        threshold = torch.linalg.vector_norm(torch.where(torch.isfinite(limits), limits, torch.zeros_like(limits)))
+        if not over:
+            self.warmup.record(step.total, step.finite, warm_threshold)
+            threshold = torch.where(warm, warm_threshold, threshold)
+        return torch.linalg.vector_norm(clipped), threshold
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -715,6 +724,7 @@ class GradientClipper:
         per_tensor_norms: Optional[Tensor] = None,
         total_norm: Optional[Tensor] = None,
         local_grads: Optional[Sequence[Tensor]] = None,
+        unit_grad_norms: Optional[Tensor] = None,
     ) -> ClipResult:
         """Clip the gradients of ``parameters`` in place and update the rule's statistics.
 
@@ -726,6 +736,9 @@ class GradientClipper:
                 already computed (e.g. for logging); computed here otherwise.
             local_grads: the local shards of those gradients (the gradients themselves unless sharded), if already
                 at hand: every parameter must then have a gradient.
+            unit_grad_norms: ``"agc"``: the unit-wise norms of those gradients (``unit_norms(grads).units``), if
+                already computed. For ``"agc"`` without any norms given, one pass computes unit-wise, per-tensor
+                and global norms together.
         """
         params = list(parameters)
         names = [f"param_{i}" for i in range(len(params))] if names is None else list(names)
@@ -737,14 +750,17 @@ class GradientClipper:
         grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
         local = [as_local_tensor(g) for g in grads] if local_grads is None else list(local_grads)
         if per_tensor_norms is None or total_norm is None:
-            per_tensor_norms, total_norm = grad_norms(grads)
+            if self.method == "agc" and grads:  # the rows' norms give the tensors' norms: one pass for both
+                unit_grad_norms, per_tensor_norms, total_norm, _ = unit_norms(grads)
+            else:
+                per_tensor_norms, total_norm = grad_norms(grads)
         if not params:
             nothing = torch.full_like(total_norm, math.inf)
             return ClipResult(total_norm, total_norm, nothing, torch.ones_like(total_norm))
         if self._device != total_norm.device:
             self._rule.to(total_norm.device)
             self._device = total_norm.device
-        return self._clip(_Step(params, names, grads, local, per_tensor_norms, total_norm))
+        return self._clip(_Step(params, names, grads, local, per_tensor_norms, total_norm, unit_grad_norms))
 
     def _clip(self, step: _Step) -> ClipResult:
         cap = None if self.max_norm is None else torch.full((), self.max_norm, device=step.total.device)
@@ -762,6 +778,24 @@ class GradientClipper:
             clipped, threshold = clipped * cap_coef, torch.minimum(threshold, cap)
         coef = torch.where(step.finite & (step.total > 0), clipped / step.total, torch.ones_like(clipped))
         return ClipResult(step.total, torch.where(step.finite, clipped, step.total), threshold, coef)
+
+    def warmup_active(self) -> Optional[Tensor]:
+        """Device bool: whether the safe start is still on (``None`` for a rule without one, or once
+        :meth:`warmup_finished` was called). Nothing is read back here."""
+        warmup = getattr(self._rule, "warmup", None)
+        if warmup is None or warmup.over:
+            return None
+        return warmup.active()
+
+    def warmup_finished(self) -> None:
+        """Tell the clipper that :meth:`warmup_active` was read back as ``False`` (e.g. at a logging flush that
+        reads device values anyway). The warm-up cannot restart, so from then on the rule skips its warm-up
+        arithmetic: the results are the same bits, a few dozen small device operations per step cheaper.
+        Calling it while the warm-up is still on would end the safe start early; :meth:`load_state_dict` clears
+        it."""
+        warmup = getattr(self._rule, "warmup", None)
+        if warmup is not None:
+            warmup.over = True
 
     def state_dict(self) -> dict[str, Any]:
         """The rule's statistics (tensors), enough for a resumed run to take the same decisions."""

@@ -13,12 +13,12 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["as_local_tensor", "grad_norms", "total_norm", "validate_norm_type"]
+__all__ = ["UnitNorms", "as_local_tensor", "grad_norms", "total_norm", "unit_norms", "validate_norm_type"]
 
 _NORM_DTYPE = torch.float32
 
@@ -172,3 +172,87 @@ def _norm_of_norms(norms: Tensor, p: float) -> Tensor:
 def total_norm(tensors: Iterable[Optional[Tensor]], norm_type: Union[float, int, str] = 2.0) -> Tensor:
     """The global norm of ``tensors`` as a float32 device tensor (see :func:`grad_norms`)."""
     return grad_norms(tensors, norm_type)[1]
+
+
+class UnitNorms(NamedTuple):
+    """L2 norms of the units of a list of tensors, and the per-tensor and global norms they add up to (float32)."""
+
+    units: Tensor
+    """one norm per unit, tensor after tensor: the rows (dim 0) of a tensor with two or more dimensions (of its
+    local shard under FSDP2, which shards on dim 0, so the rows are whole), the whole tensor otherwise"""
+    per_tensor: Tensor
+    """full-tensor norms, as :func:`grad_norms` returns them"""
+    total: Tensor
+    """the global norm"""
+    counts: list[int]
+    """units per tensor"""
+
+
+_OWNER_CACHE: dict[tuple, Tensor] = {}
+
+
+def _owner_index(counts: tuple[int, ...], device: torch.device) -> Tensor:
+    """For every unit, the index of its tensor (cached: the layout of a model does not change between steps)."""
+    key = (counts, device)
+    owner = _OWNER_CACHE.get(key)
+    if owner is None:
+        if len(_OWNER_CACHE) > 64:
+            _OWNER_CACHE.clear()
+        owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(device)
+        _OWNER_CACHE[key] = owner
+    return owner
+
+
+def unit_norms(tensors: Sequence[Tensor], *, device: Optional[torch.device] = None) -> UnitNorms:
+    """Unit-wise L2 norms (what AGC needs) and, from the same single pass over the data, the per-tensor and global
+    norms, so a step that needs both reads its gradients once.
+
+    A unit is a row (an output unit of a ``Linear`` or ``ConvNd`` weight) of a tensor with two or more dimensions, or
+    a whole tensor with fewer (a bias, a scalar): one ``vector_norm`` over the trailing dimensions per tensor with
+    rows, one ``foreach`` norm for the others. ``DTensor`` entries contribute their local shard; the per-tensor norms
+    are reduced over the shards as in :func:`grad_norms`, and so are the units that are whole tensors. No host read.
+
+    Example::
+
+        >>> import torch
+        >>> result = unit_norms([torch.tensor([[3.0, 4.0], [0.0, 1.0]]), torch.tensor([1.0, 1.0])])
+        >>> result.units
+        tensor([5.0000, 1.0000, 1.4142])
+        >>> result.per_tensor
+        tensor([5.0990, 1.4142])
+        >>> result.counts
+        [2, 1]
+    """
+    items = list(tensors)
+    out_device = device
+    if not items:
+        dev = out_device if out_device is not None else torch.device("cpu")
+        empty = torch.zeros(0, dtype=_NORM_DTYPE, device=dev)
+        return UnitNorms(empty, empty, torch.zeros((), dtype=_NORM_DTYPE, device=dev), [])
+    local = [as_local_tensor(t) for t in items]
+    out_device = out_device if out_device is not None else local[0].device
+    counts = [t.shape[0] if t.ndim > 1 else 1 for t in local]
+    parts: list[Optional[Tensor]] = [None] * len(local)
+    whole = [i for i, t in enumerate(local) if t.ndim <= 1]
+    for i, t in enumerate(local):
+        if t.ndim > 1:
+            rows = torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim)), dtype=_NORM_DTYPE)
+            parts[i] = rows.to(out_device, non_blocking=True)
+    if whole:
+        norms = _local_norms([local[i] for i in whole], 2.0, out_device)
+        for k, i in enumerate(whole):
+            parts[i] = norms[k : k + 1]
+    units = torch.cat(parts)  # type: ignore[arg-type]
+    owner = _owner_index(tuple(counts), out_device)
+    per_tensor = torch.zeros(len(local), dtype=_NORM_DTYPE, device=out_device)
+    per_tensor = per_tensor.index_add_(0, owner, units.square()).sqrt()
+    if any(_is_dtensor(t) for t in items):
+        per_tensor = _reduce_sharded(items, per_tensor, 2.0)
+        sharded_whole = [i for i in whole if _shard_groups(items[i])]
+        if sharded_whole:  # a unit that is a whole tensor has the full-tensor norm
+            starts = [0]
+            for c in counts[:-1]:
+                starts.append(starts[-1] + c)
+            at = torch.tensor([starts[i] for i in sharded_whole], device=out_device)
+            units = units.index_copy(0, at, per_tensor.index_select(0, torch.tensor(sharded_whole, device=out_device)))
+    return UnitNorms(units, per_tensor, _norm_of_norms(per_tensor, 2.0), counts)
