@@ -51,6 +51,12 @@ def _gradguard(params: list[nn.Parameter], config: dict, flush_every: int = 50) 
         if counter[0] % flush_every == 0:
             runtime.buffer.flush()  # as the runtime's flush: the sinks run (the clipper learns its warm-up ended)
 
+    # steady state, as in all but the first steps of a run: past the safe start and one flush
+    saved = [p.grad.clone() for p in params]
+    for _ in range(flush_every + 30):
+        torch._foreach_copy_([p.grad for p in params], saved)
+        step()
+    torch._foreach_copy_([p.grad for p in params], saved)
     return step
 
 

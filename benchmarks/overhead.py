@@ -134,8 +134,11 @@ def kernel_benchmark(blocks: int, width: int, rounds: int) -> dict[str, float]:
     return medians
 
 
-def fit_overhead(blocks: int, width: int, steps: int, repeats: int) -> float:
-    """Median optimizer-step wall time of ``Trainer.fit`` with and without the monitor, runs interleaved."""
+def fit_overhead(blocks: int, width: int, steps: int, repeats: int, batch_size: int = 64) -> float:
+    """Median optimizer-step wall time of ``Trainer.fit`` with and without the monitor, runs interleaved.
+
+    The monitor's cost is one read of the gradients per step, whatever the batch; the step's cost grows with the
+    batch. So the overhead is printed per batch size: the smallest batch is the worst case."""
     import tempfile
 
     import lightning as L
@@ -165,8 +168,9 @@ def fit_overhead(blocks: int, width: int, steps: int, repeats: int) -> float:
             return torch.optim.SGD(self.parameters(), lr=1e-3)
 
     gen = torch.Generator().manual_seed(0)
-    x, y = torch.randn(64 * steps, width, generator=gen), torch.randn(64 * steps, width, generator=gen)
-    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+    x = torch.randn(batch_size * steps, width, generator=gen)
+    y = torch.randn(batch_size * steps, width, generator=gen)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
     per_step: dict[bool, list[float]] = {False: [], True: []}
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(repeats + 1):  # repeat 0 warms up (allocator, threads) and is not counted
@@ -184,8 +188,8 @@ def fit_overhead(blocks: int, width: int, steps: int, repeats: int) -> float:
                     per_step[with_monitor].extend(timer.times[5:])
     without, with_ = statistics.median(per_step[False]), statistics.median(per_step[True])
     overhead = with_ / without - 1
-    print(f"\nTrainer.fit step: {without * 1e3:.2f} ms without, {with_ * 1e3:.2f} ms with GradientNormMonitor "
-          f"-> overhead {overhead:+.1%} (median of {len(per_step[True])} steps each)")
+    print(f"\nTrainer.fit step, batch {batch_size}: {without * 1e3:.2f} ms without, {with_ * 1e3:.2f} ms with "
+          f"GradientNormMonitor -> overhead {overhead:+.1%} (median of {len(per_step[True])} steps each)")
     return overhead
 
 
@@ -194,12 +198,17 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small model and few rounds (smoke run)")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--skip-fit", action="store_true", help="only the per-step kernels")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     blocks, width = (10, 64) if args.quick else (50, 256)
     rounds = args.rounds or (5 if args.quick else 60)
     kernel_benchmark(blocks, width, rounds)
     if not args.skip_fit:
-        fit_overhead(blocks, width, steps=20 if args.quick else 150, repeats=1 if args.quick else 3)
+        for batch_size, steps in ((64, 150), (256, 60)):
+            fit_overhead(blocks, width, steps=20 if args.quick else steps, repeats=1 if args.quick else 3,
+                         batch_size=batch_size)
 
 
 if __name__ == "__main__":

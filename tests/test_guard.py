@@ -472,15 +472,18 @@ def test_with_gradient_clipping_the_guard_sees_the_pre_clip_norm_from_the_one_no
     from lightning_gradguard.functional import clipping as clipping_math
 
     calls = []
-    real_grad_norms = _runtime.grad_norms
 
-    def counted_grad_norms(*args, **kwargs):
-        calls.append(1)
-        return real_grad_norms(*args, **kwargs)
+    def counted(real):
+        def wrapper(*args, **kwargs):
+            calls.append(1)
+            return real(*args, **kwargs)
+
+        return wrapper
 
     # instrumentation only: every norm computation of the pipeline and of the clipping math goes through here
-    monkeypatch.setattr(_runtime, "grad_norms", counted_grad_norms)
-    monkeypatch.setattr(clipping_math, "grad_norms", counted_grad_norms)
+    monkeypatch.setattr(_runtime, "_norms_of", counted(_runtime._norms_of))
+    monkeypatch.setattr(_runtime, "grad_norms", counted(_runtime.grad_norms))
+    monkeypatch.setattr(clipping_math, "grad_norms", counted(clipping_math.grad_norms))
     clipping = GradientClipping("norm", max_norm=1.0)
     guard = ExplosionGuard(on_nonfinite="skip", on_spike="log", window=16, warmup=4, flush_interval=5)
     tb = TensorBoardLogger(tmp_path, name="tb", version=0)

@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-from lightning_gradguard.functional.norms import as_local_tensor, grad_norms, unit_norms
+from lightning_gradguard.functional.norms import _norms_of, grad_norms, local_shards, unit_norms
 from lightning_gradguard.logging.buffer import DeferredBuffer, FlushResult
 from lightning_gradguard.logging.tensorboard import find_tensorboard_writer, histogram_stats, write_histogram, write_layout
 
@@ -75,13 +75,15 @@ class GradStep:
         self.params = params
         self.names = names
         self.grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
-        self.local_grads: list[Tensor] = [as_local_tensor(g) for g in self.grads]
+        self.local_grads: list[Tensor] = local_shards(self.grads)
         self._multi_optimizer = multi_optimizer
         self.unit_norms: Optional[Tensor] = None
         if with_unit_norms:  # a stage needs row norms (AGC): they give the tensors' norms in the same pass
             self.unit_norms, self.per_tensor_norms, self.total_norm, _ = unit_norms(self.grads)
         else:
-            self.per_tensor_norms, self.total_norm = grad_norms(self.grads, 2.0)
+            self.per_tensor_norms, self.total_norm = (
+                _norms_of(self.grads, self.local_grads, 2.0, None) if self.grads else grad_norms([])
+            )
         self.nonfinite: Tensor = ~torch.isfinite(self.total_norm)
         self.clip_coef: Optional[Tensor] = None
         self.clip_threshold: Optional[Tensor] = None

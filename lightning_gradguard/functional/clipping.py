@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from lightning_gradguard.functional.norms import _reduce_sharded, as_local_tensor, grad_norms, unit_norms
+from lightning_gradguard.functional.norms import _reduce_sharded, grad_norms, local_shards, unit_norms
 from lightning_gradguard.functional.stats import EmaMoments, RunningWindow
 
 __all__ = [
@@ -82,8 +82,10 @@ _WARMUP_DEFAULTS = {"quantile": 25, "zscore": 25, "adagc": 100}  # ZClip's 25; A
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def clip_coefficient(norm: Tensor, threshold: Tensor, eps: float = 1e-6) -> Tensor:
+def clip_coefficient(norm: Tensor, threshold: Tensor, eps: float = 1e-6, finite: Optional[Tensor] = None) -> Tensor:
     """``min(1, threshold / (norm + eps))`` as in ``clip_grad_norm_``; 1 where ``norm`` is not finite.
+
+    ``finite``: ``torch.isfinite(norm)``, when the caller has it already.
 
     Example::
 
@@ -94,8 +96,8 @@ def clip_coefficient(norm: Tensor, threshold: Tensor, eps: float = 1e-6) -> Tens
     # clamp rather than `if coef < 1`: the comparison would read the value back to the host
     coef = torch.clamp(threshold / (norm + eps), max=1.0)
     # a non-finite norm is left to the guard or AMP's scaler; a NaN coefficient (0/0 thresholds) means "no clip"
-    keep = torch.isfinite(norm) & ~torch.isnan(coef)
-    return torch.where(keep, coef, torch.ones_like(coef))
+    keep = (torch.isfinite(norm) if finite is None else finite) & (coef == coef)  # coef == coef: not NaN
+    return torch.where(keep, coef, 1.0)
 
 
 def _groups(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]]:
@@ -329,9 +331,12 @@ class _WarmUp:
 class _NormRule(_Rule):
     def __init__(self, max_norm: float) -> None:
         self.max_norm = max_norm
+        self._threshold: Optional[Tensor] = None  # made once per device, not every step (never written to)
 
     def advance(self, step: _Step) -> Tensor:
-        return torch.full((), self.max_norm, device=step.total.device)
+        if self._threshold is None or self._threshold.device != step.total.device:
+            self._threshold = torch.full((), self.max_norm, device=step.total.device)
+        return self._threshold
 
 
 class _QuantileRule(_Rule):
@@ -400,7 +405,7 @@ class _AgcLayout(NamedTuple):
     """How the units of one model's tensors line up (cached while names and local shapes stay the same)."""
 
     units: list[int]  # units per tensor (rows of the local shard, or 1)
-    shapes: list[tuple[int, ...]]  # shape that broadcasts one coefficient per unit over its tensor
+    shapes: list[Optional[tuple[int, ...]]]  # view that broadcasts the units' coefficients (None: as is)
     with_rows: list[int]  # tensors with rows (two or more dimensions)
     without_rows: list[int]  # biases and scalars: one unit, the whole tensor
     owner: Tensor  # for every unit, the index of its tensor
@@ -426,7 +431,8 @@ class _AgcRule(_Rule):
                 _check_row_sharding(name, p)
                 n = g.shape[0] if g.ndim > 1 else 1
                 units.append(n)
-                shapes.append((n,) + (1,) * (g.ndim - 1) if g.ndim > 1 else ())
+                # a 1-D tensor takes its (1,)-shaped coefficient as it is: no view to make every step
+                shapes.append((n,) + (1,) * (g.ndim - 1) if g.ndim > 1 else (None if g.ndim == 1 else ()))
                 clipped += [not any(p.search(name) for p in self.patterns)] * n
             device = step.total.device
             with_rows = [i for i, g in enumerate(step.local_grads) if g.ndim > 1]
@@ -446,11 +452,13 @@ class _AgcRule(_Rule):
         layout = self._layout_of(step)
         # rows: FSDP2 shards on dim 0, so every rank holds whole rows and their norms are local; a bias is one
         # unit, its full-tensor norm (reduced over shards)
-        weight_norms = unit_norms([p.detach() for p in step.params], device=step.total.device).units
+        with torch.no_grad():  # cheaper than a detached view per parameter
+            weight_norms = unit_norms(step.params, device=step.total.device).units
         grad_units = step.units if step.units is not None else unit_norms(step.grads, device=step.total.device).units
         coef = agc_coefficients(weight_norms, grad_units, self.clip_factor, self.eps)
         coef = torch.where(layout.clipped & step.finite, coef, torch.ones_like(coef))
-        scale_(step.local_grads, [c.view(shape) for c, shape in zip(torch.split(coef, layout.units), layout.shapes)])
+        per_tensor = torch.split(coef, layout.units)
+        scale_(step.local_grads, [c if shape is None else c.view(shape) for c, shape in zip(per_tensor, layout.shapes)])
         # exact norms from the units (each was scaled as a whole): no second pass over the gradients. The threshold
         # reported is the global norm a gradient has when every clipped unit sits exactly at its limit.
         limits = weight_norms.clamp(min=self.eps) * self.clip_factor
@@ -715,6 +723,7 @@ class GradientClipper:
                 _number(adagc_beta, "adagc_beta", closed="[)", high=1.0), _number(adagc_factor, "adagc_factor"), warmup
             )
         self._device: Optional[torch.device] = None
+        self._cap_tensor: Optional[Tensor] = None
 
     def clip_(
         self,
@@ -748,7 +757,7 @@ class GradientClipper:
             with_grad = [(p, n) for p, n in zip(params, names) if p.grad is not None]
             params, names = [p for p, _ in with_grad], [n for _, n in with_grad]
         grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
-        local = [as_local_tensor(g) for g in grads] if local_grads is None else list(local_grads)
+        local = local_shards(grads) if local_grads is None else list(local_grads)
         if per_tensor_norms is None or total_norm is None:
             if self.method == "agc" and grads:  # the rows' norms give the tensors' norms: one pass for both
                 unit_grad_norms, per_tensor_norms, total_norm, _ = unit_norms(grads)
@@ -762,13 +771,22 @@ class GradientClipper:
             self._device = total_norm.device
         return self._clip(_Step(params, names, grads, local, per_tensor_norms, total_norm, unit_grad_norms))
 
+    def _cap(self, device: torch.device) -> Optional[Tensor]:
+        """``max_norm`` as a device tensor, made once per device; ``None`` without a cap or for ``"norm"``, whose
+        threshold it already is."""
+        if self.max_norm is None or self.method == "norm":
+            return None
+        if self._cap_tensor is None or self._cap_tensor.device != device:
+            self._cap_tensor = torch.full((), self.max_norm, device=device)
+        return self._cap_tensor
+
     def _clip(self, step: _Step) -> ClipResult:
-        cap = None if self.max_norm is None else torch.full((), self.max_norm, device=step.total.device)
+        cap = self._cap(step.total.device)
         if self._rule.global_threshold:
             threshold = self._rule.advance(step)
             if cap is not None:
                 threshold = torch.minimum(threshold, cap)
-            coef = clip_coefficient(step.total, threshold, self.eps)
+            coef = clip_coefficient(step.total, threshold, self.eps, finite=step.finite)
             scale_(step.local_grads, coef)
             return ClipResult(step.total, step.total * coef, threshold, coef)
         clipped, threshold = self._rule.apply_(step, self.eps)

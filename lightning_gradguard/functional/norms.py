@@ -10,6 +10,7 @@ Nothing here reads a value back to the host: no ``.item()``, no ``if tensor``, n
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -17,8 +18,17 @@ from typing import NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
+from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-__all__ = ["UnitNorms", "as_local_tensor", "grad_norms", "total_norm", "unit_norms", "validate_norm_type"]
+__all__ = [
+    "UnitNorms",
+    "as_local_tensor",
+    "grad_norms",
+    "local_shards",
+    "total_norm",
+    "unit_norms",
+    "validate_norm_type",
+]
 
 _NORM_DTYPE = torch.float32
 
@@ -67,17 +77,15 @@ def _shard_groups(t: Tensor) -> tuple:
 
 
 def _local_norms(tensors: Sequence[Tensor], p: float, out_device: torch.device) -> Tensor:
-    """Float32 vector of the norms of plain local tensors, one foreach call per (device, dtype) group."""
-    by_key: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-    for i, t in enumerate(tensors):
-        by_key[(t.device, t.dtype)].append(i)
-    if len(by_key) == 1:
-        ((device, dtype),) = by_key.keys()
-        norms = _foreach_norm_fp32(list(tensors), p)
-        return norms.to(out_device, non_blocking=True)
+    """Float32 vector of the norms of plain local tensors, one foreach call per (device, dtype) group (grouped in
+    C++, as ``clip_grad_norm_`` does: a Python loop over the tensors costs more than the norms of small ones)."""
+    grouped = _group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)
+    if len(grouped) == 1:
+        ((group, _),) = grouped.values()
+        return _foreach_norm_fp32(group[0], p).to(out_device, non_blocking=True)
     out = torch.empty(len(tensors), dtype=_NORM_DTYPE, device=out_device)
-    for (device, dtype), idx in by_key.items():
-        norms = _foreach_norm_fp32([tensors[i] for i in idx], p)
+    for (group, idx) in grouped.values():
+        norms = _foreach_norm_fp32(group[0], p)
         index = torch.tensor(idx, device=out_device)
         out.index_copy_(0, index, norms.to(out_device, non_blocking=True))
     return out
@@ -127,10 +135,20 @@ def grad_norms(
     if not items:
         dev = device if device is not None else torch.device("cpu")
         return torch.zeros(0, dtype=_NORM_DTYPE, device=dev), torch.zeros((), dtype=_NORM_DTYPE, device=dev)
-    local = [as_local_tensor(t) for t in items]
-    out_device = device if device is not None else local[0].device
-    norms = _local_norms(local, p, out_device)
-    if any(_is_dtensor(t) for t in items):
+    return _norms_of(items, local_shards(items), p, device)
+
+
+def local_shards(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """:func:`as_local_tensor` of every tensor, in one pass (the per-step path calls it on every gradient)."""
+    if DTensor is None:  # pragma: no cover - torch builds without distributed support
+        return list(tensors)
+    return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
+
+
+def _norms_of(items: Sequence[Tensor], local: Sequence[Tensor], p: float, device: Optional[torch.device]) -> tuple:
+    """:func:`grad_norms` of ``items`` whose local shards ``local`` are already at hand."""
+    norms = _local_norms(local, p, device if device is not None else local[0].device)
+    if any(a is not b for a, b in zip(local, items)):  # some DTensor: its local norm is partial
         norms = _reduce_sharded(items, norms, p)
     return norms, _norm_of_norms(norms, p)
 
@@ -188,19 +206,34 @@ class UnitNorms(NamedTuple):
     """units per tensor"""
 
 
-_OWNER_CACHE: dict[tuple, Tensor] = {}
+_LAYOUT_CACHE: dict[tuple, tuple[Tensor, Optional[Tensor]]] = {}
 
 
-def _owner_index(counts: tuple[int, ...], device: torch.device) -> Tensor:
-    """For every unit, the index of its tensor (cached: the layout of a model does not change between steps)."""
-    key = (counts, device)
-    owner = _OWNER_CACHE.get(key)
-    if owner is None:
-        if len(_OWNER_CACHE) > 64:
-            _OWNER_CACHE.clear()
-        owner = torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(device)
-        _OWNER_CACHE[key] = owner
-    return owner
+def _unit_layout(counts: tuple[int, ...], has_rows: tuple[bool, ...], device: torch.device) -> tuple[Tensor, Optional[Tensor]]:
+    """For every unit, the index of its tensor; and where each unit sits in the order the norms are computed in
+    (row tensors first, then the whole tensors), or ``None`` when that is already the input order. Cached: a model's
+    layout does not change between steps."""
+    key = (counts, has_rows, device)
+    cached = _LAYOUT_CACHE.get(key)
+    if cached is None:
+        if len(_LAYOUT_CACHE) > 64:
+            _LAYOUT_CACHE.clear()
+        # built from Python ints (no device value is read), then copied to the device once
+        owner = [i for i, c in enumerate(counts) for _ in range(c)]
+        starts = [0, *itertools.accumulate(counts)][:-1]
+        computed = [i for i, rows in enumerate(has_rows) if rows] + [i for i, rows in enumerate(has_rows) if not rows]
+        position = [0] * sum(counts)
+        offset = 0
+        for i in computed:
+            position[starts[i] : starts[i] + counts[i]] = range(offset, offset + counts[i])
+            offset += counts[i]
+        identity = position == list(range(len(position)))
+        cached = (
+            torch.tensor(owner, dtype=torch.long, device=device),
+            None if identity else torch.tensor(position, dtype=torch.long, device=device),
+        )
+        _LAYOUT_CACHE[key] = cached
+    return cached
 
 
 def unit_norms(tensors: Sequence[Tensor], *, device: Optional[torch.device] = None) -> UnitNorms:
@@ -229,24 +262,26 @@ def unit_norms(tensors: Sequence[Tensor], *, device: Optional[torch.device] = No
         dev = out_device if out_device is not None else torch.device("cpu")
         empty = torch.zeros(0, dtype=_NORM_DTYPE, device=dev)
         return UnitNorms(empty, empty, torch.zeros((), dtype=_NORM_DTYPE, device=dev), [])
-    local = [as_local_tensor(t) for t in items]
+    local = local_shards(items)
     out_device = out_device if out_device is not None else local[0].device
     counts = [t.shape[0] if t.ndim > 1 else 1 for t in local]
-    parts: list[Optional[Tensor]] = [None] * len(local)
-    whole = [i for i, t in enumerate(local) if t.ndim <= 1]
-    for i, t in enumerate(local):
-        if t.ndim > 1:
-            rows = torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim)), dtype=_NORM_DTYPE)
-            parts[i] = rows.to(out_device, non_blocking=True)
+    has_rows = [t.ndim > 1 for t in local]
+    # rows: one reduction over the trailing dimensions per tensor; whole tensors: one foreach call for all of them
+    parts = [
+        torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim)), dtype=_NORM_DTYPE).to(out_device, non_blocking=True)
+        for t in local
+        if t.ndim > 1
+    ]
+    whole = [i for i, rows in enumerate(has_rows) if not rows]
     if whole:
-        norms = _local_norms([local[i] for i in whole], 2.0, out_device)
-        for k, i in enumerate(whole):
-            parts[i] = norms[k : k + 1]
-    units = torch.cat(parts)  # type: ignore[arg-type]
-    owner = _owner_index(tuple(counts), out_device)
+        parts.append(_local_norms([local[i] for i in whole], 2.0, out_device))
+    owner, position = _unit_layout(tuple(counts), tuple(has_rows), out_device)
+    units = torch.cat(parts) if len(parts) > 1 else parts[0]
+    if position is not None:  # back to input order
+        units = units.index_select(0, position)
     per_tensor = torch.zeros(len(local), dtype=_NORM_DTYPE, device=out_device)
     per_tensor = per_tensor.index_add_(0, owner, units.square()).sqrt()
-    if any(_is_dtensor(t) for t in items):
+    if any(a is not b for a, b in zip(local, items)):
         per_tensor = _reduce_sharded(items, per_tensor, 2.0)
         sharded_whole = [i for i in whole if _shard_groups(items[i])]
         if sharded_whole:  # a unit that is a whole tensor has the full-tensor norm

@@ -63,6 +63,7 @@ class RunningWindow:
         self.length = _check_length(length)
         self.values = torch.full((length,), math.nan, dtype=_DTYPE, device=device)
         self.count = torch.zeros((), dtype=torch.long, device=self.values.device)  # finite values ever appended
+        self._tables: dict[tuple[float, str], tuple[Tensor, Tensor]] = {}  # quantile rank arithmetic per fill level
 
     @property
     def size(self) -> Tensor:
@@ -85,19 +86,33 @@ class RunningWindow:
         """The ``q``-quantile of the filled slots, computed like ``torch.quantile`` (NaN when empty).
 
         ``torch.nanquantile`` would do, but it converts its rank through ``_to_copy`` calls that name the device
-        explicitly, which the CPU sync counter cannot tell from a host read; the same arithmetic is spelled out here.
+        explicitly, which the CPU sync counter cannot tell from a host read. Here the rank arithmetic of every
+        possible fill level (``0 .. length``) is done once, as ``torch.quantile`` does it, into a small device
+        table; a step looks its fill level up in it (a handful of device operations).
+        An empty window reads slot 0 of the sorted values, a NaN: the result is NaN without a branch.
         """
         ordered = torch.sort(self.values).values  # NaN (empty slots) sort last
-        n = self.size
-        rank = (n - 1).clamp(min=0).to(torch.float64) * q
-        below = rank.floor().to(torch.long).reshape(1)
+        indices, weights = self._quantile_table(q, interpolation)
+        level = self.size.reshape(1)
+        lo_hi = indices.index_select(0, level).reshape(2)
+        values = ordered.gather(0, lo_hi)
         if interpolation == "lower":
-            result = ordered.gather(0, below)
-        else:
-            above = rank.ceil().to(torch.long).reshape(1)
-            weight = (rank - rank.floor()).to(_DTYPE).reshape(1)
-            result = torch.lerp(ordered.gather(0, below), ordered.gather(0, above), weight)
-        return torch.where(n > 0, result.reshape(()), torch.full_like(result.reshape(()), math.nan))
+            return values[0]
+        return torch.lerp(values[0], values[1], weights.index_select(0, level).reshape(()))
+
+    def _quantile_table(self, q: float, interpolation: str) -> tuple[Tensor, Tensor]:
+        key = (q, interpolation)
+        table = self._tables.get(key)
+        if table is None or table[0].device != self.values.device:
+            # torch.quantile's own arithmetic: rank = q * (n - 1) in the values' dtype, truncated / ceiled
+            device = self.values.device
+            levels = (torch.arange(self.length + 1, device=device) - 1).clamp(min=0)
+            ranks = levels.to(_DTYPE) * torch.tensor(q, dtype=_DTYPE, device=device)
+            below = ranks.to(torch.long)
+            above = below if interpolation == "lower" else ranks.ceil().to(torch.long)
+            table = (torch.stack([below, above], dim=1), ranks - below)
+            self._tables[key] = table
+        return table
 
     def median(self) -> Tensor:
         """The lower median of the filled slots (an actual sample, robust while fewer than half are outliers)."""
