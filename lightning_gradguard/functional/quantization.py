@@ -26,9 +26,16 @@ clipping drops it: it does not enter the error-feedback residual.
 
 Layout. Tensors are grouped by (device, dtype, shard) and copied into one zero-padded float buffer of shape
 ``(num_blocks, block_size)`` per group, each tensor starting on a block boundary, so that every step is a fixed
-number of whole-buffer operations per group whatever the number of tensors; per-tensor statistics are segment
-reductions over the per-block ones. The buffers are kept between calls (allocating them anew costs more than the
+number of operations per group and chunk (below) whatever the number of tensors; per-tensor statistics are
+segment reductions over the per-block ones. The buffers are kept between calls (allocating them anew costs more than the
 arithmetic on the CPU).
+
+Chunks. On the CPU the passes are memory-bound: each whole-buffer pass would stream the buffers from main memory.
+So the passes go over runs of whole tensors of about ``CHUNK_ELEMENTS`` elements per thread (the size of a core's
+cache) one run after the other: a first sweep copies a chunk in and takes its per-block statistics, then, once the
+per-tensor decisions (finite or not, outlier bound, scales) are taken for the whole group, a second sweep quantizes
+each chunk, gathers its output rows and copies them out while the chunk is still in the cache. Elementwise
+operations and per-row reductions give the same values whatever the chunks, so the chunking changes no result.
 
 Randomness. Every draw (the dither below, the quantile samples) comes from the generator of the group's device
 seeded with :func:`derive_seed` of ``(seed, step, stream, group index, shard coordinate)``: a pure function of
@@ -52,8 +59,8 @@ two steps are distinct draws unless the two offsets coincide (probability ``1 / 
 are independent from step to step.
 
 Non-finite gradients. A tensor with any NaN or Inf (or whose squared norm overflows float32) is left bitwise
-untouched and neither consumes nor updates its residual; the choice is made on the device (``torch.where`` and a
-fixed-size row copy), never read on the host.
+untouched and neither consumes nor updates its residual; the choice is made on the device (a fixed-size gather of
+rows, each from the quantized values or from the input, and likewise for the residual), never read on the host.
 """
 
 from __future__ import annotations
@@ -62,7 +69,7 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Literal, NamedTuple, Optional
 
 import torch
 from torch import Tensor
@@ -73,6 +80,7 @@ __all__ = [
     "METHODS",
     "DITHER_REFRESH",
     "DITHER_SPAN",
+    "CHUNK_ELEMENTS",
     "QUANTILE_SAMPLES",
     "TERNGRAD_CLAMP_SIGMA",
     "GradientQuantizer",
@@ -89,9 +97,15 @@ METHODS: tuple[str, ...] = ("stochastic", "qsgd", "terngrad", "sign")
 ROUNDINGS: tuple[str, ...] = ("stochastic", "nearest")
 TERNGRAD_CLAMP_SIGMA = 2.5
 QUANTILE_SAMPLES = 1024
+_TOPK_SAMPLES = 32  # below this many samples above the quantile, topk selects it faster than kthvalue
 
 DITHER_SPAN = 1 << 17
 DITHER_REFRESH = 32
+# elements per chunk and per thread on the CPU (1 MiB of float32: a core's L2 cache); measured on the benchmark
+# model, 2**17 and 2**20 were slower (more Python calls, cache misses)
+CHUNK_ELEMENTS = 1 << 18
+# on accelerators chunks only bound the size of the output scratch buffer (64 MiB of float32)
+_CHUNK_ELEMENTS_ACCELERATOR = 1 << 24
 _DITHER_SALT = 0x5D17
 _MASK64 = (1 << 64) - 1
 _GOLDEN64 = 0x9E3779B97F4A7C15
@@ -189,6 +203,35 @@ def _check_real(value: Any, name: str, expected: str, valid: bool) -> Optional[f
     return float(value)
 
 
+def _chunks(blocks: list[int], target: int) -> list[tuple[int, int, int, int]]:
+    """Split a layout into runs of whole tensors of at most ``target`` blocks (a larger tensor is a run of its
+    own): ``(first row, end row, first tensor, end tensor)`` of each run. Every tensor is in one run."""
+    chunks: list[tuple[int, int, int, int]] = []
+    r0 = i0 = rows = 0
+    for i, b in enumerate(blocks):
+        if rows > r0 and rows + b - r0 > target:
+            chunks.append((r0, rows, i0, i))
+            r0, i0 = rows, i
+        rows += b
+    if i0 < len(blocks):
+        chunks.append((r0, rows, i0, len(blocks)))
+    return chunks
+
+
+class _Chunk(NamedTuple):
+    """Views of the rows of one chunk (see ``CHUNK_ELEMENTS``) in its group's buffers, made with the layout."""
+
+    tensors: slice  # its tensors, in the group's order
+    x: Tensor
+    source: Tensor  # the quantizer's input: x, or y with error feedback
+    residual: Optional[Tensor]
+    q: Tensor  # where its quantized values go: y, or with error feedback the chunk-sized q rows of `work`
+    out: Tensor  # the gathered output rows
+    x_views: list[Tensor]
+    out_views: list[Tensor]
+    stats: tuple[Tensor, ...]  # its slices of the group's per-block statistics
+
+
 class _Group:
     """The padded block layout of the tensors of one (device, dtype, shard) group, with its reusable buffers."""
 
@@ -214,16 +257,46 @@ class _Group:
         blocks = [-(-n // block_size) for n in sizes]
         self.num_blocks = sum(blocks)
         self.numel_total = self.num_blocks * block_size
-        # the buffers' padding stays zero: quantizing, clamping and subtracting zeros gives zeros
-        self.x = torch.zeros(self.num_blocks, block_size, dtype=compute, device=device)
-        # one spare row at the end: restoring the untouched blocks copies every row of x, the others into the spare
-        self.y_spare = torch.zeros(self.num_blocks + 1, block_size, dtype=compute, device=device)
-        self.y = self.y_spare[: self.num_blocks]
-        self.residual = torch.zeros_like(self.x) if with_residual else None
+        n = self.num_blocks
+        # runs of whole tensors that every pass goes through one after the other (see `CHUNK_ELEMENTS`)
+        per_chunk = CHUNK_ELEMENTS * torch.get_num_threads() if device.type == "cpu" else _CHUNK_ELEMENTS_ACCELERATOR
+        bounds = _chunks(blocks, max(per_chunk // block_size, 1))
+        self.chunk_sizes = [r1 - r0 for r0, r1, _, _ in bounds]
+        chunk_rows = max(self.chunk_sizes, default=0)
+        # the input x, the work buffer y, with error feedback the residual and the chunk's quantized values q, all
+        # rows of one buffer so that a single row gather picks each output row from any of them (index_select,
+        # several times faster than torch.where on the CPU). The padding stays zero: quantizing, clamping and
+        # subtracting zeros gives zeros.
+        self.work = torch.zeros(
+            (3 * n + chunk_rows) if with_residual else 2 * n, block_size, dtype=compute, device=device
+        )
+        self.x, self.y = self.work[:n], self.work[n : 2 * n]
+        self.residual = self.work[2 * n : 3 * n] if with_residual else None
+        # the gathered output rows of a chunk; its own buffer, as a gather may not write over its input
+        out = torch.empty(chunk_rows, block_size, dtype=compute, device=device)
+        # per block: amax, amin, L2 norm, L2 norm of the error, elements clamped, L1 norm (method "sign")
+        self.block_stats = torch.empty(6, n, dtype=compute, device=device)
         shapes = [t.shape for t in tensors]
         self.x_views = self._views(self.x, sizes, blocks, shapes)
-        self.y_views = self._views(self.y, sizes, blocks, shapes)
         self.residual_views = self._views(self.residual, sizes, blocks, shapes) if with_residual else []
+        self.chunks = [
+            _Chunk(
+                slice(i0, i1),
+                self.x[r0:r1],
+                (self.y if with_residual else self.x)[r0:r1],
+                self.residual[r0:r1] if self.residual is not None else None,
+                self.work[3 * n :][: r1 - r0] if with_residual else self.y[r0:r1],
+                out[: r1 - r0],
+                self.x_views[i0:i1],
+                self._views(out[: r1 - r0], sizes[i0:i1], blocks[i0:i1], shapes[i0:i1]),
+                self.block_stats[:, r0:r1].unbind(),
+            )
+            for r0, r1, i0, i1 in bounds
+        ]
+        # the row of `work` that holds a block's quantized value: in y, or with error feedback in q
+        row_start = [r0 for r0, r1, _, _ in bounds for _ in range(r0, r1)]
+        quantized = [3 * n + r - r0 for r, r0 in enumerate(row_start)] if with_residual else range(n, 2 * n)
+        self.quantized_rows = torch.tensor(quantized, dtype=torch.long, device=device)
         starts = [0]
         for b in blocks[:-1]:
             starts.append(starts[-1] + b * block_size)
@@ -251,10 +324,6 @@ class _Group:
         # must agree bitwise); `unsafe` skips the validation of the lengths, which would read them on the host
         values = per_block.to(self.numel.dtype)
         return torch.segment_reduce(values, reduce, lengths=self.blocks, unsafe=True, initial=0.0)
-
-    def restore(self, ok: Tensor) -> None:
-        """``y = x`` on the blocks that are not quantized: a fixed-size row copy (faster than ``torch.where``)."""
-        self.y_spare.index_copy_(0, torch.where(ok, self.num_blocks, self.rows), self.x)
 
     def per_block(self, per_tensor: Tensor) -> Tensor:
         return per_tensor.index_select(0, self.segment)
@@ -447,107 +516,150 @@ class GradientQuantizer:
         self, group: _Group, tensors: list[Tensor], step: int, keys: tuple[int, ...], generator: torch.Generator
     ) -> Tensor:
         """One group: ``[error_sq, input_sq, clamped, numel]`` as a device vector. No host reads. ``keys``
-        (seed, stream, group, shard coordinate) and ``step`` determine every random draw."""
-        x, y, residual = group.x, group.y, group.residual
+        (seed, stream, group, shard coordinate) and ``step`` determine every random draw.
+
+        Two passes over the chunks (see ``CHUNK_ELEMENTS``): the first copies the input in and takes the per-block
+        statistics, the second, once the per-tensor decisions (finite or not, outlier bound, scales) are made,
+        quantizes, gathers the output rows and copies them out, each chunk while it is in the cache."""
+        x, residual = group.x, group.residual
         if group.num_blocks == 0:  # only empty shards (FSDP2 with fewer rows than ranks): nothing to quantize
             return torch.zeros(4, dtype=x.dtype, device=x.device)
-        torch._foreach_copy_(group.x_views, tensors)
-        source = torch.add(x, residual, out=y) if residual is not None else x
-        absmax = torch.maximum(source.amax(1), source.amin(1).neg())
-        norms = torch.linalg.vector_norm(source, dim=1)
+        source = x if residual is None else group.y  # with error feedback y holds the quantizer's input p = g + e
+        amax, amin, norms, error, over, l1 = group.block_stats.unbind()
+        # the largest |p| of each block scales "stochastic" and "terngrad"; the others only need to know whether a
+        # block is finite, which its norm tells (NaN or Inf when an element is, or when its square sum overflows)
+        with_absmax = self.method in ("stochastic", "terngrad")
+        sample_index = self._sample_index(group, step, keys, generator)
+        if sample_index is not None:
+            samples = torch.empty(sample_index.shape, dtype=x.dtype, device=x.device)
+        for chunk in group.chunks:
+            torch._foreach_copy_(chunk.x_views, tensors[chunk.tensors])
+            if chunk.residual is not None:
+                torch.add(chunk.x, chunk.residual, out=chunk.source)
+            if with_absmax:
+                torch.amax(chunk.source, 1, out=chunk.stats[0])
+                torch.amin(chunk.source, 1, out=chunk.stats[1])
+            torch.linalg.vector_norm(chunk.source, dim=1, out=chunk.stats[2])
+            if self.method == "sign":
+                torch.linalg.vector_norm(chunk.source, 1, dim=1, out=chunk.stats[5])
+            if sample_index is not None:  # gathered while the chunk is in the cache (the positions are random)
+                index, out = sample_index[chunk.tensors], samples[chunk.tensors]
+                torch.index_select(source.view(-1), 0, index.view(-1), out=out.view(-1))
+        absmax = torch.maximum(amax, amin.neg()) if with_absmax else group.zero
         bad_blocks = ~torch.isfinite(absmax + norms)  # both are >= 0: the sum is finite iff both are
         ok_tensor = group.per_tensor(bad_blocks) == 0
-        ok = group.per_block(ok_tensor).unsqueeze(1)
-        clamped = group.zero
-        bound = self._outlier_bound(group, source, norms, step, keys, generator)
+        ok = group.per_block(ok_tensor)
+        bound = self._outlier_bound(group, norms, samples if sample_index is not None else None)
+        bounds: list[Optional[Tensor]] = [None] * len(group.chunks)
         if bound is not None:
             # non-finite tensors get an infinite bound: clamping leaves them bitwise as they are
             bound = group.per_block(torch.where(ok_tensor, bound, torch.full_like(bound, math.inf))).unsqueeze(1)
-            over = _clamp_(source, bound, scratch=y if source is x else None)
-            clamped = torch.where(ok.squeeze(1), over.to(x.dtype), group.zero).sum()
-            absmax = torch.minimum(absmax, bound.squeeze(1))
-            norms = torch.linalg.vector_norm(source, dim=1)
+            bounds = list(bound.split(group.chunk_sizes))
+            if with_absmax:
+                absmax = torch.minimum(absmax, bound.squeeze(1))  # the largest |p| after clamping, exactly
+            else:  # qsgd and sign scale by norms of the clamped input: clamp first, in a pass of its own
+                for chunk, chunk_bound in zip(group.chunks, bounds):
+                    self._clamp_chunk(chunk, chunk_bound)
+                bounds = [None] * len(group.chunks)
+        multiplier, rescale = self._scales(group, absmax, norms, l1)
+        # each output row: the quantized value where the tensor is finite, the input (bitwise) elsewhere
+        out_rows = torch.where(ok, group.quantized_rows, group.rows).split(group.chunk_sizes)
         if residual is not None:
-            # the residual buffer now holds the bounded input p where it is quantized, the old residual elsewhere
-            source = torch.where(ok, source, residual, out=residual)
-        self._encode(group, source, absmax, norms, step, keys, generator)
-        if group.dtype != y.dtype:
-            y.copy_(y.to(group.dtype))  # the residual and the error refer to what the optimizer will see
-        if residual is not None:
-            # where nothing is quantized the residual keeps its value: subtract zero there
-            torch.where(ok, y, group.zero, out=y)
-            error = torch.linalg.vector_norm(residual.sub_(y), dim=1)
-            group.restore(ok.squeeze(1))
-        else:
-            group.restore(ok.squeeze(1))
-            error = torch.linalg.vector_norm(x.sub_(y), dim=1)
-        torch._foreach_copy_(tensors, group.y_views)
-        squares = torch.where(ok.squeeze(1), torch.stack([error, norms]).square(), group.zero).sum(1)
+            # the new residual: p - Q(p) (computed in y) where quantized, the old one elsewhere
+            n = group.num_blocks
+            residual_rows = torch.where(ok, group.rows + n, group.rows + 2 * n).split(group.chunk_sizes)
+        with_dither = self.rounding == "stochastic" and self.method != "sign"
+        dithers = group.dither(step, keys, generator).split(group.chunk_sizes) if with_dither else None
+        per_chunk = zip(group.chunks, bounds, multiplier.split(group.chunk_sizes), rescale.split(group.chunk_sizes))
+        for c, (chunk, chunk_bound, chunk_multiplier, chunk_rescale) in enumerate(per_chunk):
+            if chunk_bound is not None:
+                self._clamp_chunk(chunk, chunk_bound)
+            q = chunk.q
+            if self.method == "sign":
+                torch.sign(chunk.source, out=q).mul_(chunk_multiplier)
+            else:
+                if dithers is not None:
+                    torch.addcmul(dithers[c], chunk.source, chunk_multiplier, out=q)
+                else:
+                    torch.mul(chunk.source, chunk_multiplier, out=q)
+                q.round_().mul_(chunk_rescale)
+            if group.dtype != q.dtype:
+                q.copy_(q.to(group.dtype))  # the residual and the error refer to what the optimizer will see
+            torch.index_select(group.work, 0, out_rows[c], out=chunk.out)
+            torch._foreach_copy_(tensors[chunk.tensors], chunk.out_views)
+            # p - Q(p), over the input's rows (no longer needed)
+            torch.linalg.vector_norm(chunk.source.sub_(q), dim=1, out=chunk.stats[3])
+            if chunk.residual is not None:
+                torch.index_select(group.work, 0, residual_rows[c], out=chunk.out)
+                chunk.residual.copy_(chunk.out)
+        squares = torch.where(ok, torch.stack([error, norms]).square(), group.zero).sum(1)
+        clamped = torch.where(ok, over, group.zero).sum() if bound is not None else group.zero
         return torch.cat([squares, clamped.view(1), (group.numel * ok_tensor).sum().view(1)])
 
-    def _outlier_bound(
-        self, group: _Group, source: Tensor, norms: Tensor, step: int, keys: tuple[int, ...], generator: torch.Generator
+    def _clamp_chunk(self, chunk: _Chunk, bound: Tensor) -> None:
+        """Clamp the input of ``chunk`` to ``bound``; count what is clamped and take the norms again."""
+        _clamp_(chunk.source, bound, scratch=chunk.out, over=chunk.stats[4])
+        torch.linalg.vector_norm(chunk.source, dim=1, out=chunk.stats[2])
+        if self.method == "sign":
+            torch.linalg.vector_norm(chunk.source, 1, dim=1, out=chunk.stats[5])
+
+    def _sample_index(
+        self, group: _Group, step: int, keys: tuple[int, ...], generator: torch.Generator
     ) -> Optional[Tensor]:
-        """Per-tensor bound on ``|g|`` (or ``None`` when no outlier bound is configured)."""
-        if self.clamp_sigma is not None:
-            rms = (group.per_tensor(norms.square()) / group.numel.clamp(min=1)).sqrt()
-            return self.clamp_sigma * rms
+        """For ``clamp_quantile``: ``(tensors, QUANTILE_SAMPLES)`` random positions in the buffer, each in its
+        tensor (``None`` without ``clamp_quantile``)."""
         if self.clamp_quantile is None:
             return None
         count = group.numel.shape[0]
         generator.manual_seed(derive_seed(step, *keys))
-        u = torch.rand(count, QUANTILE_SAMPLES, generator=generator, dtype=torch.float64, device=source.device)
+        u = torch.rand(count, QUANTILE_SAMPLES, generator=generator, dtype=torch.float64, device=group.x.device)
         offsets = torch.minimum((u * group.numel.unsqueeze(1)).long(), group.last_offset.unsqueeze(1))
         # an empty tensor at the end of the buffer starts past its last element: its (unused) samples stay inside
-        index = (group.starts.unsqueeze(1) + offsets).clamp(max=group.numel_total - 1)
-        samples = source.view(-1).take(index).abs()
+        return (group.starts.unsqueeze(1) + offsets).clamp(max=group.numel_total - 1)
+
+    def _outlier_bound(self, group: _Group, norms: Tensor, samples: Optional[Tensor]) -> Optional[Tensor]:
+        """Per-tensor bound on ``|g|`` (or ``None`` when no outlier bound is configured); ``samples``: the values at
+        the positions of :meth:`_sample_index`."""
+        if self.clamp_sigma is not None:
+            rms = (group.per_tensor(norms.square()) / group.numel.clamp(min=1)).sqrt()
+            return self.clamp_sigma * rms
+        if samples is None:
+            return None
+        samples = samples.abs_()
         k = max(1, math.ceil(self.clamp_quantile * QUANTILE_SAMPLES))
+        if QUANTILE_SAMPLES - k < _TOPK_SAMPLES:  # a quantile near 1: a partial sort of the few largest is faster
+            return samples.topk(QUANTILE_SAMPLES - k + 1, dim=1).values[:, -1]
         return samples.kthvalue(k, dim=1).values
 
-    def _encode(
-        self,
-        group: _Group,
-        source: Tensor,
-        absmax: Tensor,
-        norms: Tensor,
-        step: int,
-        keys: tuple[int, ...],
-        generator: torch.Generator,
-    ) -> None:
-        """``group.y = Q(source)`` on the blocks of finite tensors (anything elsewhere)."""
-        y = group.y
+    def _scales(self, group: _Group, absmax: Tensor, norms: Tensor, l1: Tensor) -> tuple[Tensor, Tensor]:
+        """Per-block ``(multiplier, rescale)``, shape ``(num_blocks, 1)``: ``Q(p) = round(p * multiplier (+ dither))
+        * rescale``; for ``"sign"``, ``Q(p) = sign(p) * multiplier`` (``rescale`` unused). Statistics of the input
+        after the outlier bound."""
         if self.method == "sign":
-            mean_abs = group.per_tensor(torch.linalg.vector_norm(source, 1, dim=1)) / group.numel.clamp(min=1)
-            torch.sign(source, out=y).mul_(group.per_block(mean_abs).unsqueeze(1))
-            return
+            mean_abs = group.per_tensor(l1) / group.numel.clamp(min=1)
+            multiplier = group.per_block(mean_abs).unsqueeze(1)
+            return multiplier, multiplier  # rescale: unused
         if self.method == "stochastic":
             scale = absmax
         elif self.method == "qsgd":
             scale = norms
         else:  # terngrad: one scale per tensor, the largest element after clipping
             scale = group.per_block(group.per_tensor(absmax, "max"))
-        # zero blocks quantize to zero with any scale; blocks that are not finite are restored afterwards
+        # zero blocks quantize to zero with any scale; blocks that are not finite are not copied out
         scale = torch.where(scale > 0, scale, 1.0).unsqueeze(1)
-        if self.rounding == "stochastic":
-            torch.addcmul(group.dither(step, keys, generator), source, self.levels / scale, out=y)
-        else:
-            torch.mul(source, self.levels / scale, out=y)
-        y.round_().mul_(scale / self.levels)
+        return self.levels / scale, scale / self.levels
 
 
-def _clamp_(source: Tensor, bound: Tensor, scratch: Optional[Tensor]) -> Tensor:
-    """Clamp ``source`` to ``[-bound, bound]`` in place; return the number of elements clamped in each block.
+def _clamp_(source: Tensor, bound: Tensor, scratch: Tensor, over: Tensor) -> None:
+    """Clamp ``source`` to ``[-bound, bound]`` in place; write the number of elements clamped in each block to
+    ``over``.
 
     ``minimum``/``maximum`` and a float count in a scratch buffer: ``clamp`` with tensor bounds and boolean sums
-    are several times slower on the CPU. Without a scratch buffer (error feedback) the count allocates.
+    are several times slower on the CPU.
     """
-    if scratch is None:
-        over = torch.count_nonzero(source.abs() > bound, dim=1)
-    else:
-        over = torch.gt(torch.abs(source, out=scratch), bound, out=scratch).sum(1)
+    torch.sum(torch.gt(torch.abs(source, out=scratch), bound, out=scratch), 1, out=over)
     torch.minimum(source, bound, out=source)
     torch.maximum(source, -bound, out=source)
-    return over
 
 
 def _spec(t: Tensor) -> Optional[tuple]:
