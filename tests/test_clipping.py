@@ -343,7 +343,7 @@ def test_first_step_is_clipped_at_warmup_threshold_and_zclip_lets_early_spikes_t
     before = Snapshot()
     scalars, _, _ = fit(
         tmp_path,
-        GradientClipping(warmup_threshold=0.1),
+        GradientClipping("zscore", warmup_threshold=0.1),
         before=[GradientEvents({0: 1000.0, 2: 1000.0}), before],
         max_steps=3,
     )
@@ -557,34 +557,53 @@ def _equal(a: Any, b: Any) -> bool:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-class ForeachNormCounter(TorchDispatchMode):
-    def __init__(self):
+class NormReadCounter(TorchDispatchMode):
+    """Counts how many times norm kernels read each gradient and each weight (by storage)."""
+
+    def __init__(self, grads: list[torch.Tensor], weights: list[torch.Tensor]):
         super().__init__()
-        self.calls = 0
+        self.kind = {g.data_ptr(): "grad" for g in grads}
+        self.kind.update({w.data_ptr(): "weight" for w in weights})
+        self.reads = {"grad": 0, "weight": 0}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func is torch.ops.aten._foreach_norm.Scalar:
-            self.calls += 1
+            inputs = list(args[0])
+        elif func in (torch.ops.aten.linalg_vector_norm.default, torch.ops.aten.norm.ScalarOpt_dim):
+            inputs = [args[0]]
+        else:
+            inputs = []
+        for t in inputs:
+            kind = self.kind.get(t.data_ptr())
+            if kind is not None:
+                self.reads[kind] += 1
         return func(*args, **(kwargs or {}))
 
 
 class CountingMonitor(GradientNormMonitor):
-    """Counts the norm computations of the whole gradguard pipeline in each step (the monitor runs it)."""
+    """Counts the norm reads of the whole gradguard pipeline in each step (the monitor runs it)."""
 
     def __init__(self):
         super().__init__(layer_interval=None)
-        self.norm_calls: list[int] = []
+        self.reads: list[dict[str, int]] = []
+        self.num_params = 0
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        with ForeachNormCounter() as counter:
+        params = [p for p in pl_module.parameters() if p.grad is not None]
+        self.num_params = len(params)
+        with NormReadCounter([p.grad for p in params], [p.detach() for p in params]) as counter:
             super().on_before_optimizer_step(trainer, pl_module, optimizer)
-        self.norm_calls.append(counter.calls)
+        self.reads.append(counter.reads)
 
 
-def test_logs_every_step_with_monitor_and_computes_the_norm_once(tmp_path):
+@pytest.mark.parametrize("method", ["agc", "zscore"])
+def test_logs_every_step_with_monitor_and_computes_the_norm_once(tmp_path, method):
+    """Monitor and clipping together read every gradient once per step for norms (AGC: its row norms give the
+    tensors' norms in the same read), and AGC reads every weight once."""
     monitor = CountingMonitor()
-    scalars, _, trainer = fit(tmp_path, GradientClipping(), before=[monitor], max_steps=12)
-    assert monitor.norm_calls == [1] * 12, "one foreach norm per step for monitor and clipping together"
+    scalars, _, trainer = fit(tmp_path, GradientClipping(method), before=[monitor], max_steps=12)
+    n = monitor.num_params
+    assert monitor.reads == [{"grad": n, "weight": n if method == "agc" else 0}] * 12
     for tag in ("grad_norm", "grad_norm_clipped", "clip_threshold", "clip_coef"):
         assert sorted(scalars[f"gradguard/{tag}"]) == list(range(12)), tag
     for step in range(12):
@@ -660,7 +679,7 @@ def test_gradient_clip_val_as_well_is_refused_at_setup(tmp_path):
         ({"method": "clip"}, ValueError, r"Expected `method` to be one of .* but got 'clip'"),
         ({"method": "norm"}, ValueError, r"Expected `max_norm` to be a positive number for method='norm' but got None"),
         ({"method": "value"}, ValueError, r"Expected `clip_value` to be a positive number for method='value'"),
-        ({"clip_value": 0.1}, ValueError, r"Expected `clip_value` to be None for method='zscore' but got 0.1"),
+        ({"clip_value": 0.1}, ValueError, r"Expected `clip_value` to be None for method='agc' but got 0.1"),
         ({"max_norm": -1.0}, ValueError, r"Expected `max_norm` to be a number in \(0, inf\) but got -1.0"),
         ({"max_norm": "1"}, TypeError, r"Expected `max_norm` to be a number .* but got str '1'"),
         ({"method": "quantile", "quantile": 1.5}, ValueError, r"`quantile` to be a number in \(0, 1\] but got 1.5"),
@@ -668,7 +687,7 @@ def test_gradient_clip_val_as_well_is_refused_at_setup(tmp_path):
         ({"alpha": 1.0}, ValueError, r"Expected `alpha` to be a number in \(0, 1\) but got 1.0"),
         ({"z_thresh": 0}, ValueError, r"Expected `z_thresh` to be a number in \(0, inf\) but got 0"),
         ({"zscore_mode": "median"}, ValueError, r"Expected `zscore_mode` to be one of .* but got 'median'"),
-        ({"warmup_steps": 0}, ValueError, r"Expected `warmup_steps` to be an integer >= 1 but got 0"),
+        ({"method": "zscore", "warmup_steps": 0}, ValueError, r"Expected `warmup_steps` to be an integer >= 1 but got 0"),
         ({"warmup_factor": 0.5}, ValueError, r"Expected `warmup_factor` to be a number in \[1, inf\) but got 0.5"),
         ({"warmup_threshold": math.nan}, ValueError, r"Expected `warmup_threshold` .* but got nan"),
         ({"method": "agc", "agc_factor": 0}, ValueError, r"`agc_factor` to be a number in \(0, inf\) but got 0"),

@@ -18,17 +18,26 @@ __all__ = ["GradientClipping"]
 
 
 class GradientClipping(GradGuardCallback):
-    r"""Clip the gradients of every optimizer step, with a threshold learned from the run's own norms by default.
+    r"""Clip the gradients of every optimizer step, with no threshold to choose by default.
 
-    ``GradientClipping()`` needs no threshold: it uses ZClip's z-score rule (EMA mean and variance of the global
-    norm; a norm more than ``z_thresh`` standard deviations above the mean is clipped back towards the mean), with a
-    safe start instead of ZClip's unclipped warm-up: for the first ``warmup_steps`` steps the threshold is
-    ``warmup_threshold`` (1.0, ZClip's default cap), lowered to ``warmup_factor`` (3) times the median of the norms
-    it let through, so an early spike is clipped and never enters the statistics. The EMA starts from the clipped
-    warm-up norms: a run whose norms stay above 1.0 (a too-high learning rate) stays clipped near 1.0; set
-    ``warmup_threshold`` to the scale of your norms (or ``None``) if they are legitimately larger.
-    The other rules: ``"norm"`` (Lightning's ``gradient_clip_val``), ``"value"``, ``"quantile"`` (AutoClip),
-    ``"agc"`` (unit-wise, NFNets) and ``"adagc"`` (per tensor); the math is in
+    ``GradientClipping()`` uses adaptive gradient clipping (AGC, Brock et al. 2021, as timm's ``adaptive_clip_grad``):
+    every unit (a row of a weight, i.e. one output unit; a whole bias) may have a gradient norm of at most
+    ``agc_factor`` (1%) of its weight norm (floored at ``agc_eps``, so zero-initialised weights still learn), and is
+    scaled down to that otherwise; the classifier head (a parameter named ``head``, ``lm_head``, ``classifier`` or
+    ``fc``) is left alone. The limit follows the model, not a guess of the gradient's scale: in the outcome
+    benchmark of the README it is the rule that never diverged and beat the best fixed ``gradient_clip_val`` of a
+    sweep on the recurrent and transformer workloads. It reads the weights as well as the gradients, so it costs
+    about twice ``clip_grad_norm_`` per step; ``"zscore"`` costs about as much as ``clip_grad_norm_``.
+
+    The rules that learn a global threshold from the run's own norm history: ``"zscore"`` (ZClip: EMA mean and
+    variance of the global norm; a norm more than ``z_thresh`` standard deviations above the mean is clipped back
+    towards the mean), ``"quantile"`` (AutoClip: a quantile of the recent norms) and ``"adagc"`` (AdaGC: one
+    threshold per tensor, an EMA of its own norm). Instead of the references' unclipped warm-up they start safely:
+    for the first ``warmup_steps`` steps the threshold is ``warmup_threshold`` (1.0, ZClip's default cap), lowered
+    to ``warmup_factor`` (3) times the median of the norms it let through, so an early spike is clipped and never
+    enters the statistics; a run whose norms stay above 1.0 (a too-high learning rate) stays clipped near 1.0, so
+    set ``warmup_threshold`` to the scale of your norms (or ``None``) if they are legitimately larger. The fixed
+    rules: ``"norm"`` (Lightning's ``gradient_clip_val``) and ``"value"``. The math is in
     :class:`lightning_gradguard.functional.clipping.GradientClipper`, usable without Lightning.
 
     Clipping runs in ``on_before_optimizer_step`` (after gradient accumulation and AMP unscaling) on the norms the
@@ -53,7 +62,7 @@ class GradientClipping(GradGuardCallback):
     and a "clip coefficient" chart.
 
     Args:
-        method: ``"zscore"`` (default), ``"quantile"``, ``"adagc"``, ``"agc"``, ``"norm"`` or ``"value"``.
+        method: ``"agc"`` (default), ``"zscore"``, ``"quantile"``, ``"adagc"``, ``"norm"`` or ``"value"``.
         max_norm: absolute cap on the global norm on top of any rule; the threshold of ``"norm"`` (required there).
         clip_value: the element bound of ``"value"`` (required there, not allowed elsewhere).
         quantile, history_length: ``"quantile"``: the quantile of the last ``history_length`` norms.
@@ -82,7 +91,7 @@ class GradientClipping(GradGuardCallback):
 
     def __init__(
         self,
-        method: Method = "zscore",
+        method: Method = "agc",
         *,
         max_norm: Optional[float] = None,
         clip_value: Optional[float] = None,

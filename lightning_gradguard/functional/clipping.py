@@ -612,7 +612,8 @@ class GradientClipper:
     a device value back to the host.
 
     Args:
-        method: ``"norm"``, ``"value"``, ``"quantile"``, ``"zscore"``, ``"agc"`` or ``"adagc"`` (module docstring).
+        method: ``"agc"`` (default), ``"norm"``, ``"value"``, ``"quantile"``, ``"zscore"`` or ``"adagc"`` (module
+            docstring). ``"agc"`` excludes parameters by name: pass ``names`` to :meth:`clip_`.
         max_norm: absolute cap on the global L2 norm, applied on top of any rule (``None``: no cap). Required by
             ``"norm"``, for which it is the threshold.
         clip_value: ``"value"`` only: the bound on each element's magnitude.
@@ -660,7 +661,7 @@ class GradientClipper:
 
     def __init__(
         self,
-        method: Method = "zscore",
+        method: Method = "agc",
         *,
         max_norm: Optional[float] = None,
         clip_value: Optional[float] = None,
@@ -699,29 +700,28 @@ class GradientClipper:
             _optional_number(warmup_factor, "warmup_factor", low=1.0, closed="[)"),
             _optional_number(warmup_threshold, "warmup_threshold", closed="(]"),
         )
+        # every argument is checked whatever the method, so a typo in an unused one does not pass silently
+        quantile = _number(quantile, "quantile", closed="(]", high=1.0)
+        history_length = _count(history_length, "history_length", 1)
+        alpha, z_thresh = _number(alpha, "alpha", high=1.0), _number(z_thresh, "z_thresh")
+        agc_factor, agc_eps, agc_exclude = _number(agc_factor, "agc_factor"), _number(agc_eps, "agc_eps"), _patterns(
+            agc_exclude
+        )
+        adagc_beta = _number(adagc_beta, "adagc_beta", closed="[)", high=1.0)
+        adagc_factor = _number(adagc_factor, "adagc_factor")
         self._rule: _Rule
         if method == "norm":
             self._rule = _NormRule(self.max_norm)  # type: ignore[arg-type]
         elif method == "value":
             self._rule = _ValueRule(_number(clip_value, "clip_value"))
         elif method == "quantile":
-            self._rule = _QuantileRule(
-                _number(quantile, "quantile", closed="(]", high=1.0),
-                _count(history_length, "history_length", 1),
-                warmup,
-            )
+            self._rule = _QuantileRule(quantile, history_length, warmup)
         elif method == "zscore":
-            self._rule = _ZScoreRule(
-                _number(alpha, "alpha", high=1.0), _number(z_thresh, "z_thresh"), zscore_mode, self.eps, warmup
-            )
+            self._rule = _ZScoreRule(alpha, z_thresh, zscore_mode, self.eps, warmup)
         elif method == "agc":
-            self._rule = _AgcRule(
-                _number(agc_factor, "agc_factor"), _number(agc_eps, "agc_eps"), _patterns(agc_exclude)
-            )
+            self._rule = _AgcRule(agc_factor, agc_eps, agc_exclude)
         else:
-            self._rule = _AdaGCRule(
-                _number(adagc_beta, "adagc_beta", closed="[)", high=1.0), _number(adagc_factor, "adagc_factor"), warmup
-            )
+            self._rule = _AdaGCRule(adagc_beta, adagc_factor, warmup)
         self._device: Optional[torch.device] = None
         self._cap_tensor: Optional[Tensor] = None
 
