@@ -7,7 +7,9 @@ interleaved round by round in one process so that machine noise hits all cases a
 Also measured:
 - how close the norm computation comes to the memory limit: bytes read per second by the norm against a plain
   ``copy_`` of the same bytes (which reads and writes them);
-- the whole-step overhead of ``GradientNormMonitor`` inside ``Trainer.fit`` (median step time with / without).
+- the whole-step overhead of ``GradientNormMonitor`` inside ``Trainer.fit``: the wall time spent inside its hooks
+  (norms, buffering, the flushes to TensorBoard) as a share of the step time, and the median step time with /
+  without it (an A/B difference that machine noise of a few percent can hide).
 
 Cases of other callbacks come from ``benchmarks/bench_*.py`` modules exposing ``cases(params)``.
 
@@ -155,6 +157,26 @@ def fit_overhead(blocks: int, width: int, steps: int, repeats: int, batch_size: 
         def on_train_batch_end(self, *args: object) -> None:
             self.times.append(time.perf_counter() - self.start)
 
+    class TimedMonitor(GradientNormMonitor):
+        """The monitor, with the wall time spent inside its hooks recorded per step (the direct measurement: an
+        A/B difference of whole steps is swamped by run-to-run noise of a few percent on a shared machine)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.hook_times: list[float] = []
+            self._spent = 0.0
+
+        def on_before_optimizer_step(self, *args: object) -> None:
+            start = time.perf_counter()
+            super().on_before_optimizer_step(*args)  # type: ignore[arg-type]
+            self._spent += time.perf_counter() - start
+
+        def on_train_batch_end(self, *args: object) -> None:
+            start = time.perf_counter()
+            super().on_train_batch_end(*args)  # type: ignore[arg-type]  # the flush happens here
+            self.hook_times.append(self._spent + time.perf_counter() - start)
+            self._spent = 0.0
+
     class Regressor(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
@@ -172,12 +194,14 @@ def fit_overhead(blocks: int, width: int, steps: int, repeats: int, batch_size: 
     y = torch.randn(batch_size * steps, width, generator=gen)
     data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch_size)
     per_step: dict[bool, list[float]] = {False: [], True: []}
+    hook_times: list[float] = []
     with tempfile.TemporaryDirectory() as tmp:
         for repeat in range(repeats + 1):  # repeat 0 warms up (allocator, threads) and is not counted
             for with_monitor in (False, True):
                 torch.manual_seed(0)
                 timer = StepTimer()
-                callbacks: list[Callback] = [timer] + ([GradientNormMonitor()] if with_monitor else [])
+                monitor = TimedMonitor()
+                callbacks: list[Callback] = [timer] + ([monitor] if with_monitor else [])
                 trainer = L.Trainer(
                     max_steps=steps, accelerator="cpu", logger=TensorBoardLogger(tmp), callbacks=callbacks,
                     enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
@@ -186,11 +210,15 @@ def fit_overhead(blocks: int, width: int, steps: int, repeats: int, batch_size: 
                 trainer.fit(Regressor(), data)
                 if repeat:
                     per_step[with_monitor].extend(timer.times[5:])
+                    if with_monitor:
+                        hook_times.extend(monitor.hook_times[5:])
     without, with_ = statistics.median(per_step[False]), statistics.median(per_step[True])
-    overhead = with_ / without - 1
+    in_hooks = sum(hook_times) / sum(per_step[True])
     print(f"\nTrainer.fit step, batch {batch_size}: {without * 1e3:.2f} ms without, {with_ * 1e3:.2f} ms with "
-          f"GradientNormMonitor -> overhead {overhead:+.1%} (median of {len(per_step[True])} steps each)")
-    return overhead
+          f"GradientNormMonitor (median of {len(per_step[True])} steps each: {with_ / without - 1:+.1%}, "
+          f"within run-to-run noise); time inside the monitor's hooks: {statistics.mean(hook_times) * 1e3:.2f} ms "
+          f"per step = {in_hooks:.1%} of the step time (flushes included)")
+    return in_hooks
 
 
 def main() -> None:

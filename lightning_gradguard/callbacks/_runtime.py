@@ -23,7 +23,13 @@ from torch import Tensor
 
 from lightning_gradguard.functional.norms import _norms_of, grad_norms, local_shards, unit_norms
 from lightning_gradguard.logging.buffer import DeferredBuffer, FlushResult
-from lightning_gradguard.logging.tensorboard import find_tensorboard_writer, histogram_stats, write_histogram, write_layout
+from lightning_gradguard.logging.tensorboard import (
+    find_tensorboard_writer,
+    histogram_stats,
+    write_histogram,
+    write_layout,
+    write_scalars,
+)
 
 if TYPE_CHECKING:
     import lightning.pytorch as pl
@@ -227,10 +233,16 @@ class Runtime:
             cb.on_flush(trainer, result)
         if not self.writes_logs:
             return
+        from lightning.pytorch.loggers import TensorBoardLogger
+
         for logger in trainer.loggers:
+            bulk = isinstance(logger, TensorBoardLogger)  # one event per step rather than one per value
             for step, metrics in result.metrics.items():
                 if metrics:
-                    logger.log_metrics(metrics, step=step)
+                    if bulk:
+                        write_scalars(logger, metrics, step)
+                    else:
+                        logger.log_metrics(metrics, step=step)
             logger.save()
 
 

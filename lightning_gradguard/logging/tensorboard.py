@@ -30,6 +30,21 @@ def find_tensorboard_writer(trainer: Any) -> Optional[Any]:
     return None
 
 
+def write_scalars(logger: Any, metrics: dict[str, float], step: int) -> None:
+    """What ``TensorBoardLogger.log_metrics(metrics, step)`` writes, as one event holding every value instead of one
+    event per value: a flush with per-layer norms writes hundreds of scalars, and one ``add_scalar`` each (what
+    Lightning does) costs about a tenth of a millisecond apiece. The logger's prefix is kept."""
+    from tensorboard.compat.proto.summary_pb2 import Summary
+
+    prefix = getattr(logger, "_prefix", "")
+    join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
+    values = [
+        Summary.Value(tag=f"{prefix}{join}{tag}" if prefix else tag, simple_value=float(value))
+        for tag, value in metrics.items()
+    ]
+    logger.experiment._get_file_writer().add_summary(Summary(value=values), step)
+
+
 def write_layout(writer: Any, charts: dict[str, list[str]]) -> None:
     """Register the "gradguard" custom-scalars layout: one multiline chart per entry (tag regexes)."""
     layout = {LAYOUT_TITLE: {title: ["Multiline", list(tags)] for title, tags in charts.items()}}
