@@ -234,7 +234,7 @@ def main() -> None:
     rounds = args.rounds or (5 if args.quick else 60)
     kernel_benchmark(blocks, width, rounds)
     if not args.skip_fit:
-        for batch_size, steps in ((64, 150), (256, 60)):
+        for batch_size, steps in ((64, 150), (256, 60), (1024, 25)):
             fit_overhead(blocks, width, steps=20 if args.quick else steps, repeats=1 if args.quick else 3,
                          batch_size=batch_size)
 
