@@ -2,8 +2,8 @@
 
 1. ``no guard``: the workload as shipped, plain ``Trainer``.
 2. ``gradient_clip_val``: Lightning's built-in fixed-threshold norm clipping.
-3. ``gradguard``: the gradguard defaults: ``GradientNormMonitor()``, ``GradientClipping()`` (a threshold learned
-   from the run's own norms) and ``ExplosionGuard()`` (skips steps with non-finite gradients or loss).
+3. ``gradguard``: the gradguard defaults: ``GradientNormMonitor()``, ``GradientClipping()`` (AGC: every unit's
+   gradient bounded relative to its weights, no threshold to pick) and ``ExplosionGuard()`` (skips steps with non-finite gradients or loss).
 
 All three start from the same weights and see the same batches. The first two runs also carry a
 ``GradientNormMonitor`` and an ``ExplosionGuard(on_nonfinite="log")``: both only observe (the gradients are not
