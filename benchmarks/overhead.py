@@ -52,9 +52,15 @@ def populate_grads(model: nn.Module, seed: int = 0) -> list[torch.Tensor]:
     gen = torch.Generator().manual_seed(seed)
     saved = []
     for p in model.parameters():
-        p.grad = torch.randn(p.shape, generator=gen) * 1e-2
+        p.grad = (torch.randn(p.shape, generator=gen) * 1e-2).to(p.device)
         saved.append(p.grad.clone())
     return saved
+
+
+def _device_sync() -> None:
+    """Wait for queued device work before reading the clock (a no-op on the CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def time_interleaved(
@@ -65,8 +71,10 @@ def time_interleaved(
     for r in range(warmup + rounds):
         for name, fn in cases.items():
             restore()
+            _device_sync()
             start = time.perf_counter()
             fn()
+            _device_sync()  # on a GPU the work is asynchronous: time it to completion
             elapsed = time.perf_counter() - start
             if r >= warmup:
                 times[name].append(elapsed)
@@ -101,8 +109,8 @@ def load_extra_cases(params: list[nn.Parameter]) -> dict[str, Callable[[], None]
     return extra
 
 
-def kernel_benchmark(blocks: int, width: int, rounds: int) -> dict[str, float]:
-    model = make_model(blocks, width)
+def kernel_benchmark(blocks: int, width: int, rounds: int, device: str = "cpu") -> dict[str, float]:
+    model = make_model(blocks, width).to(device)
     params = list(model.parameters())
     names = [n for n, _ in model.named_parameters()]
     saved = populate_grads(model)
@@ -111,8 +119,9 @@ def kernel_benchmark(blocks: int, width: int, rounds: int) -> dict[str, float]:
         torch._foreach_copy_([p.grad for p in params], saved)
 
     n_params = sum(p.numel() for p in params)
+    where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"model: {len(params)} parameter tensors, {n_params / 1e6:.2f}M parameters, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+          f"{where}")
     cases: dict[str, Callable[[], None]] = {
         "clip_grad_norm_ (baseline)": lambda: torch.nn.utils.clip_grad_norm_(params, 1.0),
         "GradientNormMonitor step": monitor_case(params, names),
@@ -136,7 +145,9 @@ def kernel_benchmark(blocks: int, width: int, rounds: int) -> dict[str, float]:
     return medians
 
 
-def fit_overhead(blocks: int, width: int, steps: int, repeats: int, batch_size: int = 64) -> float:
+def fit_overhead(
+    blocks: int, width: int, steps: int, repeats: int, batch_size: int = 64, accelerator: str = "cpu"
+) -> float:
     """Median optimizer-step wall time of ``Trainer.fit`` with and without the monitor, runs interleaved.
 
     The monitor's cost is one read of the gradients per step, whatever the batch; the step's cost grows with the
@@ -203,7 +214,7 @@ def fit_overhead(blocks: int, width: int, steps: int, repeats: int, batch_size: 
                 monitor = TimedMonitor()
                 callbacks: list[Callback] = [timer] + ([monitor] if with_monitor else [])
                 trainer = L.Trainer(
-                    max_steps=steps, accelerator="cpu", logger=TensorBoardLogger(tmp), callbacks=callbacks,
+                    max_steps=steps, accelerator=accelerator, logger=TensorBoardLogger(tmp), callbacks=callbacks,
                     enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                     log_every_n_steps=50,
                 )
@@ -227,16 +238,17 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--skip-fit", action="store_true", help="only the per-step kernels")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the gradients live")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     blocks, width = (10, 64) if args.quick else (50, 256)
     rounds = args.rounds or (5 if args.quick else 60)
-    kernel_benchmark(blocks, width, rounds)
+    kernel_benchmark(blocks, width, rounds, args.device)
     if not args.skip_fit:
         for batch_size, steps in ((64, 150), (256, 60), (1024, 25)):
             fit_overhead(blocks, width, steps=20 if args.quick else steps, repeats=1 if args.quick else 3,
-                         batch_size=batch_size)
+                         batch_size=batch_size, accelerator=args.device)
 
 
 if __name__ == "__main__":
