@@ -20,7 +20,7 @@ Each run uses one CPU thread and runs in a pool of ``--jobs`` worker processes; 
 (e.g. ``GradientExplosionError`` from the guard) counts as diverged. Prints a markdown table per workload: the
 median held-out loss over seeds, the number of diverged seeds, and the mean wall time of a run.
 
-    python benchmarks/outcomes.py            # the full benchmark (about 20 minutes on 2 cores)
+    python benchmarks/outcomes.py            # the full benchmark (about 8 minutes on 2 quiet cores)
     python benchmarks/outcomes.py --quick    # a smoke run: few steps, one seed
 """
 
@@ -44,7 +44,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 # optimizer steps per run: enough for the unguarded runs to fail and the guarded ones to learn, sized so that the
-# whole benchmark (3 workloads x 11 methods x 3 seeds) takes about 20 minutes on 2 cores
+# whole benchmark (3 workloads x 11 methods x 3 seeds) takes about 8 minutes on 2 quiet cores
 STEPS = {"rnn": 300, "transformer": 150, "mlp": 300}
 QUICK_STEPS = 10
 CLIP_VALS = (0.1, 1.0, 10.0)
