@@ -687,7 +687,7 @@ def test_gradient_clip_val_as_well_is_refused_at_setup(tmp_path):
         ({"alpha": 1.0}, ValueError, r"Expected `alpha` to be a number in \(0, 1\) but got 1.0"),
         ({"z_thresh": 0}, ValueError, r"Expected `z_thresh` to be a number in \(0, inf\) but got 0"),
         ({"zscore_mode": "median"}, ValueError, r"Expected `zscore_mode` to be one of .* but got 'median'"),
-        ({"method": "zscore", "warmup_steps": 0}, ValueError, r"Expected `warmup_steps` to be an integer >= 1 but got 0"),
+        ({"method": "zscore", "warmup_steps": 0}, ValueError, r"`warmup_steps` to be an integer >= 1 but got 0"),
         ({"warmup_factor": 0.5}, ValueError, r"Expected `warmup_factor` to be a number in \[1, inf\) but got 0.5"),
         ({"warmup_threshold": math.nan}, ValueError, r"Expected `warmup_threshold` .* but got nan"),
         ({"method": "agc", "agc_factor": 0}, ValueError, r"`agc_factor` to be a number in \(0, inf\) but got 0"),

@@ -25,9 +25,10 @@ class GradientClipping(GradGuardCallback):
     ``agc_factor`` (1%) of its weight norm (floored at ``agc_eps``, so zero-initialised weights still learn), and is
     scaled down to that otherwise; the classifier head (a parameter named ``head``, ``lm_head``, ``classifier`` or
     ``fc``) is left alone. The limit follows the model, not a guess of the gradient's scale: in the outcome
-    benchmark of the README it is the rule that never diverged and beat the best fixed ``gradient_clip_val`` of a
-    sweep on the recurrent and transformer workloads. It reads the weights as well as the gradients, so it costs
-    about twice ``clip_grad_norm_`` per step; ``"zscore"`` costs about as much as ``clip_grad_norm_``.
+    benchmarks of the README it is the only threshold-free rule that never diverged, and it beat the best fixed
+    ``gradient_clip_val`` of a sweep (0.1, 1, 10) on all three exploding workloads. It reads the weights as well as
+    the gradients, so it costs about twice ``clip_grad_norm_`` per step; ``"zscore"`` costs about as much as
+    ``clip_grad_norm_``.
 
     The rules that learn a global threshold from the run's own norm history: ``"zscore"`` (ZClip: EMA mean and
     variance of the global norm; a norm more than ``z_thresh`` standard deviations above the mean is clipped back

@@ -209,7 +209,9 @@ class UnitNorms(NamedTuple):
 _LAYOUT_CACHE: dict[tuple, tuple[Tensor, Optional[Tensor]]] = {}
 
 
-def _unit_layout(counts: tuple[int, ...], has_rows: tuple[bool, ...], device: torch.device) -> tuple[Tensor, Optional[Tensor]]:
+def _unit_layout(
+    counts: tuple[int, ...], has_rows: tuple[bool, ...], device: torch.device
+) -> tuple[Tensor, Optional[Tensor]]:
     """For every unit, the index of its tensor; and where each unit sits in the order the norms are computed in
     (row tensors first, then the whole tensors), or ``None`` when that is already the input order. Cached: a model's
     layout does not change between steps."""
