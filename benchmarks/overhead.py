@@ -7,6 +7,8 @@ interleaved round by round in one process so that machine noise hits all cases a
 Also measured:
 - how close the norm computation comes to the memory limit: bytes read per second by the norm against a plain
   ``copy_`` of the same bytes (which reads and writes them);
+- the time spent clipping per step inside ``Trainer.fit``: Lightning's own ``gradient_clip_val`` path against
+  ``GradientClipping`` (fixed, z-score and the default AGC);
 - the whole-step overhead of ``GradientNormMonitor`` inside ``Trainer.fit``: the wall time spent inside its hooks
   (norms, buffering, the flushes to TensorBoard) as a share of the step time, and the median step time with /
   without it (an A/B difference that machine noise of a few percent can hide).
@@ -232,6 +234,82 @@ def fit_overhead(
     return in_hooks
 
 
+def fit_clipping_vs_lightning(blocks: int, width: int, steps: int, repeats: int, accelerator: str = "cpu") -> None:
+    """Time spent clipping per step inside ``Trainer.fit``: Lightning's own ``gradient_clip_val=1.0`` path (its
+    ``clip_gradients``, timed from the module) against ``GradientClipping`` (its hooks, flushes included), runs
+    interleaved, same model, data and batches."""
+    import tempfile
+
+    import lightning as L
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    from lightning_gradguard.callbacks.clipping import GradientClipping
+
+    class TimedClipping(GradientClipping):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+            self.spent: list[float] = []
+
+        def on_before_optimizer_step(self, *args: object) -> None:
+            start = time.perf_counter()
+            super().on_before_optimizer_step(*args)  # type: ignore[arg-type]
+            self.spent.append(time.perf_counter() - start)
+
+        def on_train_batch_end(self, *args: object) -> None:
+            start = time.perf_counter()
+            super().on_train_batch_end(*args)  # type: ignore[arg-type]  # the flush happens here
+            self.spent[-1] += time.perf_counter() - start
+
+    class Regressor(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = make_model(blocks, width)
+            self.spent: list[float] = []
+
+        def training_step(self, batch: tuple, batch_idx: int) -> torch.Tensor:
+            x, y = batch
+            return nn.functional.mse_loss(self.net(x), y)
+
+        def configure_optimizers(self) -> torch.optim.Optimizer:
+            return torch.optim.SGD(self.parameters(), lr=1e-3)
+
+        def clip_gradients(self, *args: object, **kwargs: object) -> None:
+            start = time.perf_counter()
+            super().clip_gradients(*args, **kwargs)  # type: ignore[arg-type]
+            self.spent.append(time.perf_counter() - start)
+
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(64 * steps, width, generator=gen), torch.randn(64 * steps, width, generator=gen)
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=64)
+    skip = min(60, steps // 2)
+    variants = {
+        "Trainer(gradient_clip_val=1.0)": lambda: (1.0, None),
+        'GradientClipping("norm", max_norm=1.0)': lambda: (None, TimedClipping("norm", max_norm=1.0)),
+        'GradientClipping("zscore")': lambda: (None, TimedClipping("zscore")),
+        "GradientClipping() (AGC)": lambda: (None, TimedClipping()),
+    }
+    spent: dict[str, list[float]] = {name: [] for name in variants}
+    with tempfile.TemporaryDirectory() as tmp:
+        for repeat in range(repeats + 1):  # repeat 0 warms up and is not counted
+            for name, make in variants.items():
+                clip_val, callback = make()
+                torch.manual_seed(0)
+                module = Regressor()
+                trainer = L.Trainer(
+                    max_steps=steps, accelerator=accelerator, logger=TensorBoardLogger(tmp), gradient_clip_val=clip_val,
+                    callbacks=[callback] if callback is not None else [], enable_progress_bar=False,
+                    enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=50,
+                )
+                trainer.fit(module, data)
+                if repeat:  # the steady state: past the 25-step safe start of the adaptive rules and a first flush
+                    spent[name].extend((callback.spent if callback is not None else module.spent)[skip:])
+    base = statistics.mean(spent["Trainer(gradient_clip_val=1.0)"])
+    print(f"\nclipping inside Trainer.fit (batch 64, mean per step over steps {skip}-{steps} of {repeats} runs each, "
+          "gradguard's time includes its logging and flushes):")
+    for name, times in spent.items():
+        print(f"  {name:<42} {statistics.mean(times) * 1e3:7.3f} ms  {statistics.mean(times) / base:5.2f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small model and few rounds (smoke run)")
@@ -249,6 +327,8 @@ def main() -> None:
         for batch_size, steps in ((64, 150), (256, 60), (1024, 25)):
             fit_overhead(blocks, width, steps=20 if args.quick else steps, repeats=1 if args.quick else 3,
                          batch_size=batch_size, accelerator=args.device)
+        fit_clipping_vs_lightning(blocks, width, steps=20 if args.quick else 150, repeats=1 if args.quick else 3,
+                                  accelerator=args.device)
 
 
 if __name__ == "__main__":

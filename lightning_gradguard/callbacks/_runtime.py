@@ -73,6 +73,7 @@ class GradStep:
         names: list[str],
         multi_optimizer: bool,
         with_unit_norms: bool = False,
+        grads: Optional[list[Tensor]] = None,
     ) -> None:
         self.runtime = runtime
         self.step = step
@@ -80,7 +81,7 @@ class GradStep:
         self.optimizer_idx = optimizer_idx
         self.params = params
         self.names = names
-        self.grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
+        self.grads: list[Tensor] = [p.grad for p in params] if grads is None else grads  # type: ignore[misc]
         self.local_grads: list[Tensor] = local_shards(self.grads)
         self._multi_optimizer = multi_optimizer
         self.unit_norms: Optional[Tensor] = None
@@ -190,17 +191,21 @@ class Runtime:
         optimizers = [unwrap_optimizer(o) for o in trainer.optimizers]
         idx = next((i for i, o in enumerate(optimizers) if o is optimizer), 0)
         params, names = self._params_of(optimizer, pl_module)
-        with_grad = [(p, n) for p, n in zip(params, names) if p.grad is not None]
+        grads = [p.grad for p in params]
+        if any(g is None for g in grads):  # parameters without a gradient this step are left out
+            kept = [i for i, g in enumerate(grads) if g is not None]
+            params, names, grads = [params[i] for i in kept], [names[i] for i in kept], [grads[i] for i in kept]
         callbacks = callbacks_of(trainer)
         step = GradStep(
             self,
             trainer.global_step,
             optimizer,
             idx,
-            [p for p, _ in with_grad],
-            [n for _, n in with_grad],
+            params,
+            names,
             multi_optimizer=len(optimizers) > 1,
             with_unit_norms=any(cb.needs_unit_norms for cb in callbacks),
+            grads=grads,
         )
         self.current = step
         for cb in callbacks:

@@ -161,6 +161,7 @@ class GradientClipping(GradGuardCallback):
             total_norm=step.total_norm,
             local_grads=step.local_grads,
             unit_grad_norms=step.unit_norms,
+            grads=step.grads,
         )
         step.clip_coef, step.clip_threshold, step.clipped_norm = result.coef, result.threshold, result.clipped_norm
         names = ["grad_norm_clipped", "clip_threshold", "clip_coef"]

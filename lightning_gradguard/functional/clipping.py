@@ -734,6 +734,7 @@ class GradientClipper:
         total_norm: Optional[Tensor] = None,
         local_grads: Optional[Sequence[Tensor]] = None,
         unit_grad_norms: Optional[Tensor] = None,
+        grads: Optional[Sequence[Tensor]] = None,
     ) -> ClipResult:
         """Clip the gradients of ``parameters`` in place and update the rule's statistics.
 
@@ -748,16 +749,19 @@ class GradientClipper:
             unit_grad_norms: ``"agc"``: the unit-wise norms of those gradients (``unit_norms(grads).units``), if
                 already computed. For ``"agc"`` without any norms given, one pass computes unit-wise, per-tensor
                 and global norms together.
+            grads: the gradients of ``parameters`` (``p.grad`` each), if already gathered, together with
+                ``local_grads``.
         """
-        params = list(parameters)
-        names = [f"param_{i}" for i in range(len(params))] if names is None else list(names)
+        params = parameters if isinstance(parameters, list) else list(parameters)
+        names = [f"param_{i}" for i in range(len(params))] if names is None else names
         if len(names) != len(params):
             raise ValueError(f"Expected one name per parameter ({len(params)}) but got {len(names)}")
         if local_grads is None:
             with_grad = [(p, n) for p, n in zip(params, names) if p.grad is not None]
             params, names = [p for p, _ in with_grad], [n for _, n in with_grad]
-        grads: list[Tensor] = [p.grad for p in params]  # type: ignore[misc]
-        local = local_shards(grads) if local_grads is None else list(local_grads)
+        if grads is None or local_grads is None:
+            grads = [p.grad for p in params]  # type: ignore[misc]
+        local = local_shards(grads) if local_grads is None else local_grads
         if per_tensor_norms is None or total_norm is None:
             if self.method == "agc" and grads:  # the rows' norms give the tensors' norms: one pass for both
                 unit_grad_norms, per_tensor_norms, total_norm, _ = unit_norms(grads)
