@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lightning_gradguard import HostSyncCounter
-from lightning_gradguard.functional import grad_norms, total_norm, unit_norms, validate_norm_type
+from lightning_gradguard.functional import grad_norms, total_norm, unit_norms, unit_values, validate_norm_type
 
 SHAPES = [(7,), (3, 5), (2, 3, 4), (1,), (64, 33), (5, 1, 2, 2)]
 
@@ -130,5 +130,7 @@ def test_unit_norms_give_rows_tensors_and_total_in_one_pass():
     torch.testing.assert_close(result.per_tensor, per_tensor, rtol=1e-6, atol=0)
     torch.testing.assert_close(result.total, total, rtol=1e-6, atol=0)
     assert result.units.dtype == result.per_tensor.dtype == torch.float32
+    assert torch.equal(unit_values(tensors), result.units)
     empty = unit_norms([])
     assert empty.units.numel() == 0 and empty.total.item() == 0.0 and empty.counts == []
+    assert unit_values([]).numel() == 0

@@ -18,6 +18,7 @@ from lightning_gradguard.functional.norms import (
     grad_norms,
     total_norm,
     unit_norms,
+    unit_values,
     validate_norm_type,
 )
 from lightning_gradguard.functional.quantization import (
@@ -53,6 +54,7 @@ __all__ = [
     "top_layers",
     "total_norm",
     "unit_norms",
+    "unit_values",
     "unitwise_norms",
     "validate_norm_type",
     "zscore_threshold",

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from lightning_gradguard.functional.norms import _reduce_sharded, grad_norms, local_shards, unit_norms
+from lightning_gradguard.functional.norms import _reduce_sharded, grad_norms, local_shards, unit_norms, unit_values
 from lightning_gradguard.functional.stats import EmaMoments, RunningWindow
 
 __all__ = [
@@ -453,8 +453,8 @@ class _AgcRule(_Rule):
         # rows: FSDP2 shards on dim 0, so every rank holds whole rows and their norms are local; a bias is one
         # unit, its full-tensor norm (reduced over shards)
         with torch.no_grad():  # cheaper than a detached view per parameter
-            weight_norms = unit_norms(step.params, device=step.total.device).units
-        grad_units = step.units if step.units is not None else unit_norms(step.grads, device=step.total.device).units
+            weight_norms = unit_values(step.params, device=step.total.device)
+        grad_units = step.units if step.units is not None else unit_values(step.grads, device=step.total.device)
         coef = agc_coefficients(weight_norms, grad_units, self.clip_factor, self.eps)
         coef = torch.where(layout.clipped & step.finite, coef, torch.ones_like(coef))
         per_tensor = torch.split(coef, layout.units)

@@ -27,6 +27,7 @@ __all__ = [
     "local_shards",
     "total_norm",
     "unit_norms",
+    "unit_values",
     "validate_norm_type",
 ]
 
@@ -259,13 +260,35 @@ def unit_norms(tensors: Sequence[Tensor], *, device: Optional[torch.device] = No
         [2, 1]
     """
     items = list(tensors)
-    out_device = device
     if not items:
-        dev = out_device if out_device is not None else torch.device("cpu")
+        dev = device if device is not None else torch.device("cpu")
         empty = torch.zeros(0, dtype=_NORM_DTYPE, device=dev)
         return UnitNorms(empty, empty, torch.zeros((), dtype=_NORM_DTYPE, device=dev), [])
     local = local_shards(items)
-    out_device = out_device if out_device is not None else local[0].device
+    units, counts, has_rows, owner = _units(items, local, device if device is not None else local[0].device)
+    per_tensor = torch.zeros(len(local), dtype=_NORM_DTYPE, device=units.device)
+    per_tensor = per_tensor.index_add_(0, owner, units.square()).sqrt()
+    if any(a is not b and rows for a, b, rows in zip(local, items, has_rows)):
+        # the rows of a sharded tensor are local to its shard: its norm adds up over the shards (the units that are
+        # whole tensors are full-tensor norms already, so they are passed as plain tensors and left alone)
+        per_tensor = _reduce_sharded([t if rows else a for t, a, rows in zip(items, local, has_rows)], per_tensor, 2.0)
+    return UnitNorms(units, per_tensor, _norm_of_norms(per_tensor, 2.0), counts)
+
+
+def unit_values(tensors: Sequence[Tensor], *, device: Optional[torch.device] = None) -> Tensor:
+    """Only the ``units`` of :func:`unit_norms` (e.g. AGC's weight norms): no per-tensor or global norm."""
+    items = list(tensors)
+    if not items:
+        return torch.zeros(0, dtype=_NORM_DTYPE, device=device if device is not None else torch.device("cpu"))
+    local = local_shards(items)
+    return _units(items, local, device if device is not None else local[0].device)[0]
+
+
+def _units(
+    items: Sequence[Tensor], local: Sequence[Tensor], out_device: torch.device
+) -> tuple[Tensor, list[int], list[bool], Tensor]:
+    """Unit norms in input order (whole-tensor units reduced over shards), units per tensor, which tensors have
+    rows, and the owner index of every unit."""
     counts = [t.shape[0] if t.ndim > 1 else 1 for t in local]
     has_rows = [t.ndim > 1 for t in local]
     # rows: one reduction over the trailing dimensions per tensor; whole tensors: one foreach call for all of them
@@ -276,20 +299,12 @@ def unit_norms(tensors: Sequence[Tensor], *, device: Optional[torch.device] = No
     ]
     whole = [i for i, rows in enumerate(has_rows) if not rows]
     if whole:
-        parts.append(_local_norms([local[i] for i in whole], 2.0, out_device))
+        norms = _local_norms([local[i] for i in whole], 2.0, out_device)
+        if any(local[i] is not items[i] for i in whole):  # a whole sharded tensor is one unit: its full norm
+            norms = _reduce_sharded([items[i] for i in whole], norms, 2.0)
+        parts.append(norms)
     owner, position = _unit_layout(tuple(counts), tuple(has_rows), out_device)
     units = torch.cat(parts) if len(parts) > 1 else parts[0]
     if position is not None:  # back to input order
         units = units.index_select(0, position)
-    per_tensor = torch.zeros(len(local), dtype=_NORM_DTYPE, device=out_device)
-    per_tensor = per_tensor.index_add_(0, owner, units.square()).sqrt()
-    if any(a is not b for a, b in zip(local, items)):
-        per_tensor = _reduce_sharded(items, per_tensor, 2.0)
-        sharded_whole = [i for i in whole if _shard_groups(items[i])]
-        if sharded_whole:  # a unit that is a whole tensor has the full-tensor norm
-            starts = [0]
-            for c in counts[:-1]:
-                starts.append(starts[-1] + c)
-            at = torch.tensor([starts[i] for i in sharded_whole], device=out_device)
-            units = units.index_copy(0, at, per_tensor.index_select(0, torch.tensor(sharded_whole, device=out_device)))
-    return UnitNorms(units, per_tensor, _norm_of_norms(per_tensor, 2.0), counts)
+    return units, counts, has_rows, owner
