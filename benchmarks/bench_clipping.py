@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from lightning_gradguard.callbacks._runtime import GradStep, Runtime
+from benchmarks._pipeline import pipeline_case
 from lightning_gradguard.callbacks.clipping import GradientClipping
 
 METHOD_CONFIGS = {
@@ -32,32 +32,9 @@ METHOD_CONFIGS = {
 
 
 def _gradguard(params: list[nn.Parameter], config: dict, flush_every: int = 50) -> Callable[[], None]:
-    """One step of GradientClipping's real work in the gradguard pipeline: gather and norms once (``GradStep``),
-    clip, buffer the logged values; a flush (one host read) every ``flush_every`` calls."""
-    runtime = Runtime()
-    runtime.writes_logs = True
-    clipping = GradientClipping(**config)
-    optimizer = torch.optim.SGD(params, lr=0.0)
-    names = [f"p{i}" for i in range(len(params))]
-    counter = [0]
-
-    def step() -> None:
-        grad_step = GradStep(
-            runtime, counter[0], optimizer, 0, params, names, multi_optimizer=False,
-            with_unit_norms=clipping.needs_unit_norms,
-        )
-        clipping.process_step(None, None, grad_step)  # type: ignore[arg-type]
-        counter[0] += 1
-        if counter[0] % flush_every == 0:
-            runtime.buffer.flush()  # as the runtime's flush: the sinks run (the clipper learns its warm-up ended)
-
-    # steady state, as in all but the first steps of a run: past the safe start and one flush
-    saved = [p.grad.clone() for p in params]
-    for _ in range(flush_every + 30):
-        torch._foreach_copy_([p.grad for p in params], saved)
-        step()
-    torch._foreach_copy_([p.grad for p in params], saved)
-    return step
+    """One step of GradientClipping's real work in the gradguard pipeline (``benchmarks/_pipeline.py``), in the
+    steady state, as in all but the first steps of a run: past the safe start and a first flush."""
+    return pipeline_case(GradientClipping(**config), params, flush_every=flush_every, warm_calls=flush_every + 30)
 
 
 def timm_agc_loop(params: list[nn.Parameter], clip_factor: float = 0.01, eps: float = 1e-3) -> None:

@@ -19,40 +19,20 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_gradguard.callbacks._rewind import TrainingSnapshot  # noqa: E402
-from lightning_gradguard.callbacks._runtime import GradStep, Runtime  # noqa: E402
+from benchmarks._pipeline import pipeline_case  # noqa: E402
 from lightning_gradguard.callbacks.guard import ExplosionGuard  # noqa: E402
 
 FLUSH_EVERY = 50
 
 
 def _guard_case(params: list[torch.nn.Parameter], **guard_kwargs: object) -> Callable[[], None]:
-    runtime = Runtime()
-    runtime.writes_logs = True
-    guard = ExplosionGuard(**guard_kwargs)  # type: ignore[arg-type]
-    optimizer = torch.optim.SGD(params, lr=0.0)
-    names = [f"p{i}" for i in range(len(params))]
-    # the few Trainer attributes the per-step path reads (a single process, no AMP)
-    trainer = SimpleNamespace(
-        world_size=1, global_rank=0, is_global_zero=True, current_epoch=0, precision_plugin=None, loggers=[],
-        callbacks=[guard],
-    )
-    counter = [0]
-
-    def run() -> None:
-        step = GradStep(runtime, counter[0], optimizer, 0, params, names, multi_optimizer=False)
-        guard.process_step(trainer, None, step)  # type: ignore[arg-type]
-        counter[0] += 1
-        if counter[0] % FLUSH_EVERY == 0:
-            runtime.flush(trainer)  # type: ignore[arg-type]
-
-    return run
+    return pipeline_case(ExplosionGuard(**guard_kwargs), params, flush_every=FLUSH_EVERY)  # type: ignore[arg-type]
 
 
 def _per_parameter_nan_check(params: list[torch.nn.Parameter]) -> bool:

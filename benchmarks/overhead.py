@@ -37,7 +37,7 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from lightning_gradguard.callbacks._runtime import GradStep, Runtime  # noqa: E402
+from benchmarks._pipeline import pipeline_case  # noqa: E402
 from lightning_gradguard.callbacks.monitor import GradientNormMonitor  # noqa: E402
 from lightning_gradguard.functional.norms import grad_norms  # noqa: E402
 
@@ -85,20 +85,7 @@ def time_interleaved(
 
 def monitor_case(params: list[nn.Parameter], names: list[str], flush_every: int = 50) -> Callable[[], None]:
     """One step of the monitor's real work: gather, norms once, buffer; a flush (one host read) every 50 calls."""
-    runtime = Runtime()
-    runtime.writes_logs = True
-    monitor = GradientNormMonitor(layer_interval=flush_every)
-    optimizer = torch.optim.SGD(params, lr=0.0)
-    counter = [0]
-
-    def run() -> None:
-        step = GradStep(runtime, counter[0], optimizer, 0, params, names, multi_optimizer=False)
-        monitor.process_step(None, None, step)  # type: ignore[arg-type]
-        counter[0] += 1
-        if counter[0] % flush_every == 0:
-            runtime.buffer.flush()
-
-    return run
+    return pipeline_case(GradientNormMonitor(layer_interval=flush_every), params, names, flush_every=flush_every)
 
 
 def load_extra_cases(params: list[nn.Parameter]) -> dict[str, Callable[[], None]]:
@@ -147,6 +134,33 @@ def kernel_benchmark(blocks: int, width: int, rounds: int, device: str = "cpu") 
     return medians
 
 
+def timed(callback_cls: type) -> type:
+    """``callback_cls`` with the wall time spent inside its per-step hooks recorded per step in ``hook_times``
+    (``on_before_optimizer_step``, where the pipeline runs, plus ``on_train_batch_end``, where the flushes happen):
+    the direct measurement of its cost, where an A/B difference of whole steps is swamped by run-to-run noise of a
+    few percent on a shared machine."""
+
+    class Timed(callback_cls):  # type: ignore[misc,valid-type]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            super().__init__(*args, **kwargs)
+            self.hook_times: list[float] = []
+            self._spent = 0.0
+
+        def on_before_optimizer_step(self, *args: object) -> None:
+            start = time.perf_counter()
+            super().on_before_optimizer_step(*args)
+            self._spent += time.perf_counter() - start
+
+        def on_train_batch_end(self, *args: object) -> None:
+            start = time.perf_counter()
+            super().on_train_batch_end(*args)
+            self.hook_times.append(self._spent + time.perf_counter() - start)
+            self._spent = 0.0
+
+    Timed.__name__ = f"Timed{callback_cls.__name__}"
+    return Timed
+
+
 def fit_overhead(
     blocks: int, width: int, steps: int, repeats: int, batch_size: int = 64, accelerator: str = "cpu"
 ) -> float:
@@ -169,26 +183,6 @@ def fit_overhead(
 
         def on_train_batch_end(self, *args: object) -> None:
             self.times.append(time.perf_counter() - self.start)
-
-    class TimedMonitor(GradientNormMonitor):
-        """The monitor, with the wall time spent inside its hooks recorded per step (the direct measurement: an
-        A/B difference of whole steps is swamped by run-to-run noise of a few percent on a shared machine)."""
-
-        def __init__(self) -> None:
-            super().__init__()
-            self.hook_times: list[float] = []
-            self._spent = 0.0
-
-        def on_before_optimizer_step(self, *args: object) -> None:
-            start = time.perf_counter()
-            super().on_before_optimizer_step(*args)  # type: ignore[arg-type]
-            self._spent += time.perf_counter() - start
-
-        def on_train_batch_end(self, *args: object) -> None:
-            start = time.perf_counter()
-            super().on_train_batch_end(*args)  # type: ignore[arg-type]  # the flush happens here
-            self.hook_times.append(self._spent + time.perf_counter() - start)
-            self._spent = 0.0
 
     class Regressor(L.LightningModule):
         def __init__(self) -> None:
@@ -213,7 +207,7 @@ def fit_overhead(
             for with_monitor in (False, True):
                 torch.manual_seed(0)
                 timer = StepTimer()
-                monitor = TimedMonitor()
+                monitor = timed(GradientNormMonitor)()
                 callbacks: list[Callback] = [timer] + ([monitor] if with_monitor else [])
                 trainer = L.Trainer(
                     max_steps=steps, accelerator=accelerator, logger=TensorBoardLogger(tmp), callbacks=callbacks,
@@ -245,21 +239,6 @@ def fit_clipping_vs_lightning(blocks: int, width: int, steps: int, repeats: int,
 
     from lightning_gradguard.callbacks.clipping import GradientClipping
 
-    class TimedClipping(GradientClipping):
-        def __init__(self, *args: object, **kwargs: object) -> None:
-            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
-            self.spent: list[float] = []
-
-        def on_before_optimizer_step(self, *args: object) -> None:
-            start = time.perf_counter()
-            super().on_before_optimizer_step(*args)  # type: ignore[arg-type]
-            self.spent.append(time.perf_counter() - start)
-
-        def on_train_batch_end(self, *args: object) -> None:
-            start = time.perf_counter()
-            super().on_train_batch_end(*args)  # type: ignore[arg-type]  # the flush happens here
-            self.spent[-1] += time.perf_counter() - start
-
     class Regressor(L.LightningModule):
         def __init__(self) -> None:
             super().__init__()
@@ -284,9 +263,9 @@ def fit_clipping_vs_lightning(blocks: int, width: int, steps: int, repeats: int,
     skip = min(60, steps // 2)
     variants = {
         "Trainer(gradient_clip_val=1.0)": lambda: (1.0, None),
-        'GradientClipping("norm", max_norm=1.0)': lambda: (None, TimedClipping("norm", max_norm=1.0)),
-        'GradientClipping("zscore")': lambda: (None, TimedClipping("zscore")),
-        "GradientClipping() (AGC)": lambda: (None, TimedClipping()),
+        'GradientClipping("norm", max_norm=1.0)': lambda: (None, timed(GradientClipping)("norm", max_norm=1.0)),
+        'GradientClipping("zscore")': lambda: (None, timed(GradientClipping)("zscore")),
+        "GradientClipping() (AGC)": lambda: (None, timed(GradientClipping)()),
     }
     spent: dict[str, list[float]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
@@ -302,7 +281,7 @@ def fit_clipping_vs_lightning(blocks: int, width: int, steps: int, repeats: int,
                 )
                 trainer.fit(module, data)
                 if repeat:  # the steady state: past the 25-step safe start of the adaptive rules and a first flush
-                    spent[name].extend((callback.spent if callback is not None else module.spent)[skip:])
+                    spent[name].extend((callback.hook_times if callback is not None else module.spent)[skip:])
     base = statistics.mean(spent["Trainer(gradient_clip_val=1.0)"])
     print(f"\nclipping inside Trainer.fit (batch 64, mean per step over steps {skip}-{steps} of {repeats} runs each, "
           "gradguard's time includes its logging and flushes):")

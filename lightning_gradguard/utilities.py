@@ -82,4 +82,4 @@ def host_read(values: torch.Tensor) -> list:
     The explicit copy (rather than ``.tolist()`` on the device tensor) makes the read visible to
     :class:`HostSyncCounter` on every device, the CPU included.
     """
-    return values.to("cpu", copy=True).tolist()
+    return values.to("cpu", copy=True).tolist()  # sync: the one deliberate host read, made by the flush

@@ -58,7 +58,7 @@ class GradStep:
             on the device).
         unit_norms: the row-wise norms (:func:`~lightning_gradguard.functional.norms.unit_norms`) when a stage
             asked for them (``needs_unit_norms``), computed in the same pass as the norms above; else ``None``.
-        nonfinite: device bool, ``True`` when the global norm is NaN or Inf.
+        finite, nonfinite: device bools, whether the global norm is finite (computed once, for every stage).
         clip_coef, clip_threshold, clipped_norm: set by the clipping stage (device tensors) or ``None``.
         skipped: set by the guard when it decided (on the host) that this step must not change anything.
     """
@@ -91,7 +91,8 @@ class GradStep:
             self.per_tensor_norms, self.total_norm = (
                 _norms_of(self.grads, self.local_grads, 2.0, None) if self.grads else grad_norms([])
             )
-        self.nonfinite: Tensor = ~torch.isfinite(self.total_norm)
+        self.finite: Tensor = torch.isfinite(self.total_norm)
+        self.nonfinite: Tensor = ~self.finite
         self.clip_coef: Optional[Tensor] = None
         self.clip_threshold: Optional[Tensor] = None
         self.clipped_norm: Optional[Tensor] = None

@@ -51,8 +51,8 @@ class GradientClipping(GradGuardCallback):
 
     Logged tags, every optimizer step (``gradguard/opt<i>/...`` with several optimizers; rank 0 only):
 
-    - ``gradguard/grad_norm_clipped``: global L2 norm after clipping (computed from the clipped gradients for
-      ``"value"`` and ``"agc"``).
+    - ``gradguard/grad_norm_clipped``: global L2 norm after clipping (for ``"value"`` a second norm of the clamped
+      gradients; for ``"agc"`` exact from the row norms and their coefficients, without another pass).
     - ``gradguard/clip_threshold``: the threshold in force (``clip_value`` for ``"value"``; for ``"agc"`` and
       ``"adagc"`` the global norm of the per-unit limits).
     - ``gradguard/clip_coef``: ``grad_norm_clipped / grad_norm`` (1: untouched).
@@ -162,6 +162,7 @@ class GradientClipping(GradGuardCallback):
             local_grads=step.local_grads,
             unit_grad_norms=step.unit_norms,
             grads=step.grads,
+            finite=step.finite,
         )
         step.clip_coef, step.clip_threshold, step.clipped_norm = result.coef, result.threshold, result.clipped_norm
         names = ["grad_norm_clipped", "clip_threshold", "clip_coef"]

@@ -235,6 +235,7 @@ class _Step:
         per_tensor: Tensor,
         total: Tensor,
         units: Optional[Tensor] = None,
+        finite: Optional[Tensor] = None,
     ) -> None:
         self.params = params
         self.names = names
@@ -243,7 +244,7 @@ class _Step:
         self.per_tensor = per_tensor
         self.total = total
         self.units = units  # unit-wise gradient norms (see `unit_norms`) when already computed
-        self.finite = torch.isfinite(total)
+        self.finite = torch.isfinite(total) if finite is None else finite
 
 
 class _Rule:
@@ -287,7 +288,7 @@ class _WarmUp:
     def __init__(self, steps: int, factor: Optional[float], threshold: Optional[float]) -> None:
         self.steps = steps
         self.factor = factor
-        self.first_threshold = math.inf if threshold is None else float(threshold)
+        self.first_threshold = math.inf if threshold is None else float(threshold)  # a Python number: no sync
         self.window = RunningWindow(max(steps, 1))
         self.evidence = RunningWindow(max(steps, 1))
         # host-side hint that the warm-up is over (see GradientClipper.warmup_finished); only ever set from a value
@@ -328,15 +329,25 @@ class _WarmUp:
         self.over = self.steps == 0  # the loaded state may be mid-warm-up: learn it again
 
 
+class _Constant:
+    """A fixed number as a 0-d device tensor, made once per device rather than every step (never written to)."""
+
+    def __init__(self, value: float) -> None:
+        self.value = value
+        self._tensor: Optional[Tensor] = None
+
+    def on(self, device: torch.device) -> Tensor:
+        if self._tensor is None or self._tensor.device != device:
+            self._tensor = torch.full((), self.value, device=device)
+        return self._tensor
+
+
 class _NormRule(_Rule):
     def __init__(self, max_norm: float) -> None:
-        self.max_norm = max_norm
-        self._threshold: Optional[Tensor] = None  # made once per device, not every step (never written to)
+        self.threshold = _Constant(max_norm)
 
     def advance(self, step: _Step) -> Tensor:
-        if self._threshold is None or self._threshold.device != step.total.device:
-            self._threshold = torch.full((), self.max_norm, device=step.total.device)
-        return self._threshold
+        return self.threshold.on(step.total.device)
 
 
 class _QuantileRule(_Rule):
@@ -723,7 +734,8 @@ class GradientClipper:
         else:
             self._rule = _AdaGCRule(adagc_beta, adagc_factor, warmup)
         self._device: Optional[torch.device] = None
-        self._cap_tensor: Optional[Tensor] = None
+        # the absolute cap; not for "norm", whose threshold it already is
+        self._cap = None if self.max_norm is None or method == "norm" else _Constant(self.max_norm)
 
     def clip_(
         self,
@@ -735,6 +747,7 @@ class GradientClipper:
         local_grads: Optional[Sequence[Tensor]] = None,
         unit_grad_norms: Optional[Tensor] = None,
         grads: Optional[Sequence[Tensor]] = None,
+        finite: Optional[Tensor] = None,
     ) -> ClipResult:
         """Clip the gradients of ``parameters`` in place and update the rule's statistics.
 
@@ -751,6 +764,7 @@ class GradientClipper:
                 and global norms together.
             grads: the gradients of ``parameters`` (``p.grad`` each), if already gathered, together with
                 ``local_grads``.
+            finite: ``torch.isfinite(total_norm)``, if already computed, together with ``total_norm``.
         """
         params = parameters if isinstance(parameters, list) else list(parameters)
         names = [f"param_{i}" for i in range(len(params))] if names is None else names
@@ -763,6 +777,7 @@ class GradientClipper:
             grads = [p.grad for p in params]  # type: ignore[misc]
         local = local_shards(grads) if local_grads is None else local_grads
         if per_tensor_norms is None or total_norm is None:
+            finite = None  # it would describe a norm that is not the one computed here
             if self.method == "agc" and grads:  # the rows' norms give the tensors' norms: one pass for both
                 unit_grad_norms, per_tensor_norms, total_norm, _ = unit_norms(grads)
             else:
@@ -773,19 +788,10 @@ class GradientClipper:
         if self._device != total_norm.device:
             self._rule.to(total_norm.device)
             self._device = total_norm.device
-        return self._clip(_Step(params, names, grads, local, per_tensor_norms, total_norm, unit_grad_norms))
-
-    def _cap(self, device: torch.device) -> Optional[Tensor]:
-        """``max_norm`` as a device tensor, made once per device; ``None`` without a cap or for ``"norm"``, whose
-        threshold it already is."""
-        if self.max_norm is None or self.method == "norm":
-            return None
-        if self._cap_tensor is None or self._cap_tensor.device != device:
-            self._cap_tensor = torch.full((), self.max_norm, device=device)
-        return self._cap_tensor
+        return self._clip(_Step(params, names, grads, local, per_tensor_norms, total_norm, unit_grad_norms, finite))
 
     def _clip(self, step: _Step) -> ClipResult:
-        cap = self._cap(step.total.device)
+        cap = None if self._cap is None else self._cap.on(step.total.device)
         if self._rule.global_threshold:
             threshold = self._rule.advance(step)
             if cap is not None:

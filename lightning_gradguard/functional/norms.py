@@ -50,7 +50,7 @@ def validate_norm_type(norm_type: Union[float, int, str], name: str = "norm_type
         return math.inf
     if isinstance(norm_type, bool) or not isinstance(norm_type, (int, float)):
         raise TypeError(f"Expected `{name}` to be a number >= 1 or 'inf' but got {type(norm_type).__name__}")
-    p = float(norm_type)
+    p = float(norm_type)  # a Python number: no sync
     if math.isnan(p) or p < 1:
         raise ValueError(f"Expected `{name}` to be a number >= 1 or 'inf' but got {norm_type!r}")
     return p
