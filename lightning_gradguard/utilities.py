@@ -9,12 +9,12 @@ the CPU proves that the same code would not stall a GPU.
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, Optional, Union
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["HostSyncCounter", "host_read"]
+__all__ = ["HostSyncCounter", "device_tensor", "host_read", "to_device"]
 
 _aten = torch.ops.aten
 _SYNC_OPS = {
@@ -83,3 +83,25 @@ def host_read(values: torch.Tensor) -> list:
     :class:`HostSyncCounter` on every device, the CPU included.
     """
     return values.to("cpu", copy=True).tolist()  # sync: the one deliberate host read, made by the flush
+
+
+def to_device(tensor: torch.Tensor, device: Union[str, torch.device]) -> torch.Tensor:
+    """``tensor`` on ``device``, copied without a host synchronisation.
+
+    ``.to("cuda")`` of an ordinary (pageable) CPU tensor makes the host wait for the GPU's queue to drain (CUDA's
+    sync-debug mode reports it as a synchronising call). A CPU tensor bound for a GPU therefore goes through pinned
+    memory with a non-blocking copy; torch's pinned-memory pool keeps the staging buffer until the copy has run.
+    Every other move is a plain ``.to``.
+    """
+    device = torch.device(device)
+    if tensor.device.type == "cpu" and device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def device_tensor(
+    data: Any, *, dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None
+) -> torch.Tensor:
+    """``torch.tensor(data, dtype=dtype)`` made on the CPU and moved to ``device`` by :func:`to_device` (no sync)."""
+    tensor = torch.tensor(data, dtype=dtype)
+    return tensor if device is None else to_device(tensor, device)

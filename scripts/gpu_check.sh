@@ -3,7 +3,8 @@
 #   - tests/test_cuda.py: the per-step gradguard path inside a real Trainer.fit on the GPU under
 #     torch.cuda.set_sync_debug_mode("error"), so CUDA itself fails any host synchronisation; norms, clipping
 #     and quantization on the GPU; bf16-mixed;
-#   - the CUDA AMP overflow test of the guard (precision="16-mixed" with a GradScaler);
+#   - the CUDA cases of the guard and clipping tests: AMP overflow (precision="16-mixed" with a GradScaler), skip
+#     and rewind (pinned-CPU and on-device snapshots) restoring bitwise, checkpoint resume with state on the GPU;
 #   - benchmarks/overhead.py --device cuda: per-step costs against clip_grad_norm_ on the GPU, and the monitor's
 #     share of a Trainer.fit step there.
 # Run from anywhere on a machine with one CUDA device (about 3 minutes):
@@ -15,6 +16,5 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 "$PY" -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print(torch.__version__, torch.cuda.get_device_name())"
-"$PY" -m pytest -q tests/test_cuda.py \
-    "tests/test_guard.py::test_amp_overflow_on_cuda_is_reported_as_overflow_and_not_skipped_twice"
+"$PY" -m pytest -q tests/test_cuda.py tests/test_guard.py tests/test_clipping.py -k "cuda or gpu"
 "$PY" benchmarks/overhead.py --device cuda --rounds 50

@@ -483,8 +483,12 @@ def test_adagc_zero_gradient_does_not_freeze_a_tensor():
 # ---------------------------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    "accelerator",
+    ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))],
+)
 @pytest.mark.parametrize("method", ["zscore", "quantile", "adagc"])
-def test_resume_from_checkpoint_is_bitwise_identical(tmp_path, method):
+def test_resume_from_checkpoint_is_bitwise_identical(tmp_path, method, accelerator):
     """Stopped at step 9 and resumed from its checkpoint: the same thresholds, clipped norms and parameters as the
     uninterrupted run, bit for bit. One batch per epoch, so the data a step sees cannot depend on where Lightning
     restarts the epoch."""
@@ -501,6 +505,7 @@ def test_resume_from_checkpoint_is_bitwise_identical(tmp_path, method):
             logger=tb,
             enable_checkpointing=True,
             log_every_n_steps=5,
+            accelerator=accelerator,
         )
         model = TinyMLP(lr=0.05, num_samples=8)
         trainer.fit(model, ckpt_path=ckpt_path)

@@ -205,19 +205,24 @@ class OptimizerChoice(Faulty):
         return torch.optim.SGD(self.parameters(), lr=1e-2, momentum=0.9, weight_decay=1e-3)
 
 
+# the responses that act on the model, also on a GPU (scripts/gpu_check.sh runs the "cuda" cases)
+ACCELERATORS = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
 @pytest.mark.parametrize("optimizer_name", ["sgd_momentum", "adam", "adamw"])
-def test_skip_leaves_parameters_and_optimizer_state_bitwise_unchanged(tmp_path, optimizer_name):
+def test_skip_leaves_parameters_and_optimizer_state_bitwise_unchanged(tmp_path, optimizer_name, accelerator):
     nan_step = 5
     around = StateAroundStep(nan_step)
     guard = SyncCountingGuard(on_nonfinite="skip", window=16, warmup=4)
     model = OptimizerChoice(optimizer_name, nan_steps={nan_step})
-    tiny_trainer(tmp_path, max_steps=10, callbacks=[guard, around]).fit(model)
+    tiny_trainer(tmp_path, max_steps=10, callbacks=[guard, around], accelerator=accelerator).fit(model)
 
     assert_bitwise_equal(around.before, around.after)  # no parameter, moment, step count or decay changed
     assert guard.skipped == 1 and guard.consecutive_skips == 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
     # the step before and the steps after did change the model: training went on
-    assert not torch.equal(around.after[f"param/{SPIKE_LAYER}"], model.net[2].weight.detach())
+    assert not torch.equal(around.after[f"param/{SPIKE_LAYER}"].cpu(), model.net[2].weight.detach().cpu())
     # the opt-in decision costs exactly one host read per step, and nothing else does
     assert guard.step_syncs == [1] * 10
     assert guard.backward_syncs == [0] * 10
@@ -357,8 +362,9 @@ class JumpingSchedule(Faulty):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
+@pytest.mark.parametrize("accelerator", ACCELERATORS)
 @pytest.mark.parametrize("snapshot_device", ["cpu", "same"])
-def test_rewind_restores_the_snapshot_exactly_and_gives_up_after_max_rewinds(tmp_path, snapshot_device):
+def test_rewind_restores_the_snapshot_exactly_and_gives_up_after_max_rewinds(tmp_path, snapshot_device, accelerator):
     recorder = RecordingRestore()
     guard = ExplosionGuard(
         on_spike="rewind",
@@ -370,7 +376,7 @@ def test_rewind_restores_the_snapshot_exactly_and_gives_up_after_max_rewinds(tmp
         lr_factor=0.5,
         snapshot_device=snapshot_device,
     )
-    trainer = tiny_trainer(tmp_path, max_steps=40, callbacks=[guard, recorder])
+    trainer = tiny_trainer(tmp_path, max_steps=40, callbacks=[guard, recorder], accelerator=accelerator)
     with pytest.raises(GradientExplosionError, match=r"2 rewinds did not help \(max_rewinds=2\)"):
         trainer.fit(JumpingSchedule())
     assert guard.rewinds == 2

@@ -22,6 +22,7 @@ from lightning_gradguard.events import EVENT_KINDS, ExplosionEvent, append_jsonl
 from lightning_gradguard.functional.detection import STATISTICS, SpikeCheck, SpikeDetector, Statistic, top_layers
 from lightning_gradguard.logging.buffer import FlushResult
 from lightning_gradguard.logging.tensorboard import write_text
+from lightning_gradguard.utilities import device_tensor, to_device
 
 __all__ = ["ExplosionGuard", "GradientExplosionError"]
 
@@ -316,7 +317,7 @@ class ExplosionGuard(GradGuardCallback):
         over_max = false if self.max_norm is None else norm > self.max_norm
         spikes = torch.stack([norm_check.flag, loss_check.flag, over_max]) & ~nonfinite
         flags = torch.cat([nonfinite.reshape(1), spikes, found_inf.reshape(1)]).float()  # in EVENT_KINDS order
-        self._counts = self._counts.to(device) + flags
+        self._counts = to_device(self._counts, device) + flags
         top_idx, top_norms = top_layers(step.per_tensor_norms, self.top_k)
         scalars = [norm, loss, norm_check.baseline, norm_check.zscore, loss_check.baseline, loss_check.zscore, origin]
         values = _StepValues.pack(flags, scalars, self._counts, top_idx, top_norms)
@@ -391,7 +392,7 @@ class ExplosionGuard(GradGuardCallback):
         severity = self._severity_by_device.get(device)
         if severity is None:
             levels = [float(_SEVERITY[self._responses[kind]]) for kind in EVENT_KINDS]
-            severity = self._severity_by_device[device] = torch.tensor(levels, device=device)
+            severity = self._severity_by_device[device] = device_tensor(levels, device=device)
         return severity
 
     def _optimizers_and_schedulers(self, trainer: pl.Trainer) -> tuple[list, list]:

@@ -48,8 +48,17 @@ import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from lightning_gradguard.functional.norms import _reduce_sharded, grad_norms, local_shards, unit_norms, unit_values
+from lightning_gradguard.functional.norms import (
+    _index_on,
+    _reduce_sharded,
+    grad_norms,
+    local_shards,
+    segment_sum,
+    unit_norms,
+    unit_values,
+)
 from lightning_gradguard.functional.stats import EmaMoments, RunningWindow
+from lightning_gradguard.utilities import device_tensor, to_device
 
 __all__ = [
     "DEFAULT_AGC_EXCLUDE",
@@ -419,7 +428,7 @@ class _AgcLayout(NamedTuple):
     shapes: list[Optional[tuple[int, ...]]]  # view that broadcasts the units' coefficients (None: as is)
     with_rows: list[int]  # tensors with rows (two or more dimensions)
     without_rows: list[int]  # biases and scalars: one unit, the whole tensor
-    owner: Tensor  # for every unit, the index of its tensor
+    lengths: Tensor  # units per tensor, on the device, one row per value that `_global_norms` sums
     clipped: Tensor  # for every unit, whether AGC clips it (its tensor is not excluded)
     sharded: bool  # whether some tensor with rows is a DTensor (its per-tensor sums are partial)
 
@@ -452,8 +461,8 @@ class _AgcRule(_Rule):
                 shapes,
                 with_rows,
                 [i for i, g in enumerate(step.local_grads) if g.ndim <= 1],
-                torch.repeat_interleave(torch.arange(len(units)), torch.tensor(units)).to(device),
-                torch.tensor(clipped, dtype=torch.bool, device=device),
+                device_tensor([units, units], dtype=torch.long, device=device),
+                device_tensor(clipped, dtype=torch.bool, device=device),
                 any(hasattr(step.params[i], "placements") for i in with_rows),
             )
             self._layout_key = key
@@ -480,10 +489,9 @@ class _AgcRule(_Rule):
     @staticmethod
     def _global_norms(step: _Step, layout: _AgcLayout, unit_values: Tensor) -> Tensor:
         """Global L2 norms of rows of per-unit values; the local rows of sharded tensors are summed over shards."""
-        per_tensor_sq = torch.zeros(unit_values.shape[0], len(layout.units), device=unit_values.device)
-        per_tensor_sq.index_add_(1, layout.owner, unit_values.square())
+        per_tensor_sq = segment_sum(unit_values.square(), layout.lengths)
         if layout.sharded:
-            index = torch.tensor(layout.with_rows, device=unit_values.device)
+            index = _index_on(layout.with_rows, unit_values.device)
             local = per_tensor_sq.index_select(1, index).sqrt()
             items = [step.params[i] for i in layout.with_rows] * unit_values.shape[0]
             full = _reduce_sharded(items, local.reshape(-1), 2.0).reshape(local.shape)
@@ -528,9 +536,9 @@ class _AdaGCRule(_Rule):
 
     def to(self, device: torch.device) -> None:
         super().to(device)
-        self.gamma = self.gamma.to(device)
+        self.gamma = to_device(self.gamma, device)
         if self._index is not None:
-            self._index = self._index.to(device)
+            self._index = to_device(self._index, device)
 
     def _index_of(self, step: _Step) -> Tensor:
         """Where each of this step's tensors keeps its gamma (tensors are matched by name across steps)."""
@@ -541,9 +549,9 @@ class _AdaGCRule(_Rule):
             if new:
                 self.names += new
                 fill = torch.full((len(new),), math.inf, device=self.gamma.device)
-                self.gamma = torch.cat([self.gamma.to(fill.device), fill])
+                self.gamma = torch.cat([to_device(self.gamma, fill.device), fill])
             position = {n: i for i, n in enumerate(self.names)}
-            self._index = torch.tensor([position[n] for n in step.names], device=self.gamma.device)
+            self._index = device_tensor([position[n] for n in step.names], dtype=torch.long, device=self.gamma.device)
             self._index_key = key
         return self._index  # type: ignore[return-value]
 

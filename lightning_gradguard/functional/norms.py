@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
+from lightning_gradguard.utilities import device_tensor
+
 __all__ = [
     "UnitNorms",
     "as_local_tensor",
@@ -77,6 +79,21 @@ def _shard_groups(t: Tensor) -> tuple:
     return tuple(groups)
 
 
+_INDEX_CACHE: dict[tuple, Tensor] = {}
+
+
+def _index_on(idx: Sequence[int], device: torch.device) -> Tensor:
+    """``idx`` as a long tensor on ``device``, made once per (indices, device): a model's grouping of tensors does not
+    change between steps, and a fresh host-to-device copy every step would make a GPU's host wait."""
+    key = (tuple(idx), torch.device(device))
+    index = _INDEX_CACHE.get(key)
+    if index is None:
+        if len(_INDEX_CACHE) > 256:
+            _INDEX_CACHE.clear()
+        index = _INDEX_CACHE[key] = device_tensor(key[0], dtype=torch.long, device=device)
+    return index
+
+
 def _local_norms(tensors: Sequence[Tensor], p: float, out_device: torch.device) -> Tensor:
     """Float32 vector of the norms of plain local tensors, one foreach call per (device, dtype) group (grouped in
     C++, as ``clip_grad_norm_`` does: a Python loop over the tensors costs more than the norms of small ones)."""
@@ -87,7 +104,7 @@ def _local_norms(tensors: Sequence[Tensor], p: float, out_device: torch.device) 
     out = torch.empty(len(tensors), dtype=_NORM_DTYPE, device=out_device)
     for (group, idx) in grouped.values():
         norms = _foreach_norm_fp32(group[0], p)
-        index = torch.tensor(idx, device=out_device)
+        index = _index_on(idx, out_device)
         out.index_copy_(0, index, norms.to(out_device, non_blocking=True))
     return out
 
@@ -168,7 +185,7 @@ def _reduce_sharded(items: Sequence[Tensor], norms: Tensor, p: float) -> Tensor:
     if math.isinf(p):
         reduced = norms.clone()
         for groups, idx in by_groups.items():
-            index = torch.tensor(idx, device=norms.device)
+            index = _index_on(idx, norms.device)
             part = reduced.index_select(0, index)
             for group in groups:
                 dist.all_reduce(part, op=dist.ReduceOp.MAX, group=group)
@@ -176,7 +193,7 @@ def _reduce_sharded(items: Sequence[Tensor], norms: Tensor, p: float) -> Tensor:
         return reduced
     powered = norms.pow(p)
     for groups, idx in by_groups.items():
-        index = torch.tensor(idx, device=norms.device)
+        index = _index_on(idx, norms.device)
         part = powered.index_select(0, index)
         for group in groups:
             dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
@@ -213,7 +230,7 @@ _LAYOUT_CACHE: dict[tuple, tuple[Tensor, Optional[Tensor]]] = {}
 def _unit_layout(
     counts: tuple[int, ...], has_rows: tuple[bool, ...], device: torch.device
 ) -> tuple[Tensor, Optional[Tensor]]:
-    """For every unit, the index of its tensor; and where each unit sits in the order the norms are computed in
+    """Units per tensor (the segment lengths); and where each unit sits in the order the norms are computed in
     (row tensors first, then the whole tensors), or ``None`` when that is already the input order. Cached: a model's
     layout does not change between steps."""
     key = (counts, has_rows, device)
@@ -222,7 +239,6 @@ def _unit_layout(
         if len(_LAYOUT_CACHE) > 64:
             _LAYOUT_CACHE.clear()
         # built from Python ints (no device value is read), then copied to the device once
-        owner = [i for i, c in enumerate(counts) for _ in range(c)]
         starts = [0, *itertools.accumulate(counts)][:-1]
         computed = [i for i, rows in enumerate(has_rows) if rows] + [i for i, rows in enumerate(has_rows) if not rows]
         position = [0] * sum(counts)
@@ -232,11 +248,19 @@ def _unit_layout(
             offset += counts[i]
         identity = position == list(range(len(position)))
         cached = (
-            torch.tensor(owner, dtype=torch.long, device=device),
-            None if identity else torch.tensor(position, dtype=torch.long, device=device),
+            device_tensor(counts, dtype=torch.long, device=device),
+            None if identity else device_tensor(position, dtype=torch.long, device=device),
         )
         _LAYOUT_CACHE[key] = cached
     return cached
+
+
+def segment_sum(values: Tensor, lengths: Tensor) -> Tensor:
+    """Sums of consecutive segments of the last dimension of ``values`` (``lengths`` gives each segment's size, and
+    has the leading dimensions of ``values``). Deterministic on every device, unlike ``index_add_``, which adds in a
+    varying order on CUDA: ranks that hold the same gradients must get the same bits. ``unsafe`` skips the check of
+    the lengths, which would read them on the host."""
+    return torch.segment_reduce(values, "sum", lengths=lengths, axis=values.ndim - 1, unsafe=True, initial=0.0)
 
 
 def unit_norms(tensors: Sequence[Tensor], *, device: Optional[torch.device] = None) -> UnitNorms:
@@ -265,9 +289,8 @@ def unit_norms(tensors: Sequence[Tensor], *, device: Optional[torch.device] = No
         empty = torch.zeros(0, dtype=_NORM_DTYPE, device=dev)
         return UnitNorms(empty, empty, torch.zeros((), dtype=_NORM_DTYPE, device=dev), [])
     local = local_shards(items)
-    units, counts, has_rows, owner = _units(items, local, device if device is not None else local[0].device)
-    per_tensor = torch.zeros(len(local), dtype=_NORM_DTYPE, device=units.device)
-    per_tensor = per_tensor.index_add_(0, owner, units.square()).sqrt()
+    units, counts, has_rows, lengths = _units(items, local, device if device is not None else local[0].device)
+    per_tensor = segment_sum(units.square(), lengths).sqrt()
     if any(a is not b and rows for a, b, rows in zip(local, items, has_rows)):
         # the rows of a sharded tensor are local to its shard: its norm adds up over the shards (the units that are
         # whole tensors are full-tensor norms already, so they are passed as plain tensors and left alone)
@@ -288,7 +311,7 @@ def _units(
     items: Sequence[Tensor], local: Sequence[Tensor], out_device: torch.device
 ) -> tuple[Tensor, list[int], list[bool], Tensor]:
     """Unit norms in input order (whole-tensor units reduced over shards), units per tensor, which tensors have
-    rows, and the owner index of every unit."""
+    rows, and the units per tensor as a device tensor (the lengths of :func:`segment_sum`)."""
     counts = [t.shape[0] if t.ndim > 1 else 1 for t in local]
     has_rows = [t.ndim > 1 for t in local]
     # rows: one reduction over the trailing dimensions per tensor; whole tensors: one foreach call for all of them
@@ -303,8 +326,8 @@ def _units(
         if any(local[i] is not items[i] for i in whole):  # a whole sharded tensor is one unit: its full norm
             norms = _reduce_sharded([items[i] for i in whole], norms, 2.0)
         parts.append(norms)
-    owner, position = _unit_layout(tuple(counts), tuple(has_rows), out_device)
+    lengths, position = _unit_layout(tuple(counts), tuple(has_rows), out_device)
     units = torch.cat(parts) if len(parts) > 1 else parts[0]
     if position is not None:  # back to input order
         units = units.index_select(0, position)
-    return units, counts, has_rows, owner
+    return units, counts, has_rows, lengths

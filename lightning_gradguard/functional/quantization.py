@@ -75,6 +75,7 @@ import torch
 from torch import Tensor
 
 from lightning_gradguard.functional.norms import as_local_tensor
+from lightning_gradguard.utilities import device_tensor
 
 __all__ = [
     "METHODS",
@@ -296,17 +297,17 @@ class _Group:
         # the row of `work` that holds a block's quantized value: in y, or with error feedback in q
         row_start = [r0 for r0, r1, _, _ in bounds for _ in range(r0, r1)]
         quantized = [3 * n + r - r0 for r, r0 in enumerate(row_start)] if with_residual else range(n, 2 * n)
-        self.quantized_rows = torch.tensor(quantized, dtype=torch.long, device=device)
+        self.quantized_rows = device_tensor(quantized, dtype=torch.long, device=device)
         starts = [0]
         for b in blocks[:-1]:
             starts.append(starts[-1] + b * block_size)
         segment = [i for i, b in enumerate(blocks) for _ in range(b)]
-        self.segment = torch.tensor(segment, dtype=torch.long, device=device)
-        self.blocks = torch.tensor(blocks, dtype=torch.long, device=device)
+        self.segment = device_tensor(segment, dtype=torch.long, device=device)
+        self.blocks = device_tensor(blocks, dtype=torch.long, device=device)
         self.rows = torch.arange(self.num_blocks, device=device)
-        self.starts = torch.tensor(starts, dtype=torch.long, device=device)
-        self.last_offset = torch.tensor([max(n - 1, 0) for n in sizes], dtype=torch.long, device=device)
-        self.numel = torch.tensor(sizes, dtype=compute, device=device)
+        self.starts = device_tensor(starts, dtype=torch.long, device=device)
+        self.last_offset = device_tensor([max(n - 1, 0) for n in sizes], dtype=torch.long, device=device)
+        self.numel = device_tensor(sizes, dtype=compute, device=device)
         self.dither_span = min(self.numel_total, DITHER_SPAN)
         table_size = self.numel_total + self.dither_span if with_dither else 0
         self.dither_table = torch.empty(table_size, dtype=compute, device=device)

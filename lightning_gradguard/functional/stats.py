@@ -20,6 +20,8 @@ from typing import Any, Literal, Optional, Union
 import torch
 from torch import Tensor
 
+from lightning_gradguard.utilities import to_device
+
 __all__ = ["EmaMoments", "RunningWindow"]
 
 _DTYPE = torch.float32
@@ -107,7 +109,7 @@ class RunningWindow:
             # torch.quantile's own arithmetic: rank = q * (n - 1) in the values' dtype, truncated / ceiled
             device = self.values.device
             levels = (torch.arange(self.length + 1, device=device) - 1).clamp(min=0)
-            ranks = levels.to(_DTYPE) * torch.tensor(q, dtype=_DTYPE, device=device)
+            ranks = levels.to(_DTYPE) * torch.full((), q, dtype=_DTYPE, device=device)
             below = ranks.to(torch.long)
             above = below if interpolation == "lower" else ranks.ceil().to(torch.long)
             table = (torch.stack([below, above], dim=1), ranks - below)
@@ -127,8 +129,8 @@ class RunningWindow:
         return torch.nanmean((self.values - self.mean()) ** 2)
 
     def to(self, device: Union[str, torch.device]) -> RunningWindow:
-        self.values = self.values.to(device)
-        self.count = self.count.to(device)
+        self.values = to_device(self.values, device)
+        self.count = to_device(self.count, device)
         return self
 
     def state_dict(self) -> dict[str, Any]:
@@ -141,10 +143,10 @@ class RunningWindow:
                 raise ValueError(
                     f"Expected a window of length {self.length} in the state dict but got {tuple(values.shape)}"
                 )
-            self.values = values.to(device=self.values.device, dtype=_DTYPE).clone()
+            self.values = to_device(values.to(_DTYPE), self.values.device).clone()
         count = state_dict.get("count")
         if count is not None:
-            self.count = torch.as_tensor(count, dtype=torch.long).to(self.count.device).clone()
+            self.count = to_device(torch.as_tensor(count, dtype=torch.long), self.count.device).clone()
 
 
 class EmaMoments:
@@ -197,7 +199,7 @@ class EmaMoments:
         return (value - self.mean) / (self.var.sqrt() + eps)
 
     def to(self, device: Union[str, torch.device]) -> EmaMoments:
-        self.mean, self.var, self.started = self.mean.to(device), self.var.to(device), self.started.to(device)
+        self.mean, self.var, self.started = (to_device(t, device) for t in (self.mean, self.var, self.started))
         return self
 
     def state_dict(self) -> dict[str, Any]:
@@ -205,6 +207,7 @@ class EmaMoments:
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         device = self.mean.device
-        self.mean = torch.as_tensor(state_dict.get("mean", self.mean), dtype=_DTYPE).to(device).clone()
-        self.var = torch.as_tensor(state_dict.get("var", self.var), dtype=_DTYPE).to(device).clone()
-        self.started = torch.as_tensor(state_dict.get("started", self.started), dtype=torch.bool).to(device).clone()
+        self.mean = to_device(torch.as_tensor(state_dict.get("mean", self.mean), dtype=_DTYPE), device).clone()
+        self.var = to_device(torch.as_tensor(state_dict.get("var", self.var), dtype=_DTYPE), device).clone()
+        started = torch.as_tensor(state_dict.get("started", self.started), dtype=torch.bool)
+        self.started = to_device(started, device).clone()
