@@ -296,10 +296,13 @@ def main() -> None:
     parser.add_argument("--skip-fit", action="store_true", help="only the per-step kernels")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the gradients live")
+    parser.add_argument("--blocks", type=int, default=None, help="Linear+LayerNorm blocks (default 50; --quick 10)")
+    parser.add_argument("--width", type=int, default=None, help="their width (default 256; --quick 64)")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     blocks, width = (10, 64) if args.quick else (50, 256)
+    blocks, width = args.blocks or blocks, args.width or width
     rounds = args.rounds or (5 if args.quick else 60)
     kernel_benchmark(blocks, width, rounds, args.device)
     if not args.skip_fit:

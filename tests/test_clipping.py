@@ -563,7 +563,8 @@ def _equal(a: Any, b: Any) -> bool:
 
 
 class NormReadCounter(TorchDispatchMode):
-    """Counts how many times norm kernels read each gradient and each weight (by storage)."""
+    """Counts how many times norm kernels read each gradient and each weight (by storage); on the CPU small tensors
+    reach their norm kernel through one stacked copy, which is then their read."""
 
     def __init__(self, grads: list[torch.Tensor], weights: list[torch.Tensor]):
         super().__init__()
@@ -572,7 +573,7 @@ class NormReadCounter(TorchDispatchMode):
         self.reads = {"grad": 0, "weight": 0}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._foreach_norm.Scalar:
+        if func in (torch.ops.aten._foreach_norm.Scalar, torch.ops.aten.stack.default):
             inputs = list(args[0])
         elif func in (torch.ops.aten.linalg_vector_norm.default, torch.ops.aten.norm.ScalarOpt_dim):
             inputs = [args[0]]

@@ -134,3 +134,21 @@ def test_unit_norms_give_rows_tensors_and_total_in_one_pass():
     empty = unit_norms([])
     assert empty.units.numel() == 0 and empty.total.item() == 0.0 and empty.counts == []
     assert unit_values([]).numel() == 0
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_segments_sum_each_segment_and_agree_across_layouts(grouped):
+    """Per-tensor sums of unit values: ``segment_reduce`` (CPU) and the gathered matrices used on CUDA give the
+    segment sums, for repeated, single and empty segments, in the input order, the same bits on every call."""
+    from lightning_gradguard.functional.norms import Segments
+
+    lengths = [3, 1, 3, 0, 7, 1, 3, 2]
+    values = torch.rand(sum(lengths), generator=torch.Generator().manual_seed(0))
+    segments = Segments(lengths, torch.device("cpu"), grouped=grouped)
+    expected = torch.stack([part.sum() for part in values.split(lengths)])
+    result = segments.sum(values)
+    torch.testing.assert_close(result, expected)
+    assert result[3] == 0.0
+    assert torch.equal(segments.sum(values.clone()), result)
+    if grouped:
+        assert sorted(n for _, n, _ in segments.groups) == [0, 1, 2, 3, 7]

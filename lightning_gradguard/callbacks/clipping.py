@@ -176,7 +176,9 @@ class GradientClipping(GradGuardCallback):
     def _ask_about_warmup(self, step: GradStep, clipper: GradientClipper) -> None:
         """Ride the next flush's host read to learn when the safe start is over, so the clipper can stop evaluating
         it (same results, fewer device operations per step). One tiny entry per flush while the warm-up lasts."""
-        if step.optimizer_idx in self._warmup_asked:
+        if step.optimizer_idx in self._warmup_asked or step.step < clipper.warmup_steps:
+            # the warm-up counts finite steps, so it cannot be over before this many: asking earlier would only get
+            # "still on" back, and the next question would wait for the flush after that
             return
         active = clipper.warmup_active()
         if active is None or not step.runtime.writes_logs:  # no flush reads anything on this rank

@@ -52,8 +52,8 @@ from lightning_gradguard.functional.norms import (
     _index_on,
     _reduce_sharded,
     grad_norms,
+    Segments,
     local_shards,
-    segment_sum,
     unit_norms,
     unit_values,
 )
@@ -428,7 +428,7 @@ class _AgcLayout(NamedTuple):
     shapes: list[Optional[tuple[int, ...]]]  # view that broadcasts the units' coefficients (None: as is)
     with_rows: list[int]  # tensors with rows (two or more dimensions)
     without_rows: list[int]  # biases and scalars: one unit, the whole tensor
-    lengths: Tensor  # units per tensor, on the device, one row per value that `_global_norms` sums
+    segments: Segments  # each tensor's units, twice over (`_global_norms` sums two values per unit)
     clipped: Tensor  # for every unit, whether AGC clips it (its tensor is not excluded)
     sharded: bool  # whether some tensor with rows is a DTensor (its per-tensor sums are partial)
 
@@ -461,7 +461,7 @@ class _AgcRule(_Rule):
                 shapes,
                 with_rows,
                 [i for i, g in enumerate(step.local_grads) if g.ndim <= 1],
-                device_tensor([units, units], dtype=torch.long, device=device),
+                Segments(units + units, device),
                 device_tensor(clipped, dtype=torch.bool, device=device),
                 any(hasattr(step.params[i], "placements") for i in with_rows),
             )
@@ -489,7 +489,7 @@ class _AgcRule(_Rule):
     @staticmethod
     def _global_norms(step: _Step, layout: _AgcLayout, unit_values: Tensor) -> Tensor:
         """Global L2 norms of rows of per-unit values; the local rows of sharded tensors are summed over shards."""
-        per_tensor_sq = segment_sum(unit_values.square(), layout.lengths)
+        per_tensor_sq = layout.segments.sum(unit_values.square().reshape(-1)).view(unit_values.shape[0], -1)
         if layout.sharded:
             index = _index_on(layout.with_rows, unit_values.device)
             local = per_tensor_sq.index_select(1, index).sqrt()
@@ -814,6 +814,12 @@ class GradientClipper:
             clipped, threshold = clipped * cap_coef, torch.minimum(threshold, cap)
         coef = torch.where(step.finite & (step.total > 0), clipped / step.total, torch.ones_like(clipped))
         return ClipResult(step.total, torch.where(step.finite, clipped, step.total), threshold, coef)
+
+    @property
+    def warmup_steps(self) -> int:
+        """Length of the safe start, in finite steps (0 for a rule without one)."""
+        warmup = getattr(self._rule, "warmup", None)
+        return 0 if warmup is None else warmup.steps
 
     def warmup_active(self) -> Optional[Tensor]:
         """Device bool: whether the safe start is still on (``None`` for a rule without one, or once

@@ -109,7 +109,45 @@ def _local_norms(tensors: Sequence[Tensor], p: float, out_device: torch.device) 
     return out
 
 
+# On the CPU torch's foreach norm is a loop of one reduction per tensor, whose fixed cost (microseconds) outweighs
+# the arithmetic of a small tensor (a bias, a norm layer's weight). Small tensors of one size are stacked and reduced
+# in one call instead; larger ones stay separate, where a stacked copy would cost more than the call it saves.
+_STACK_NUMEL = 16384
+
+
 def _foreach_norm_fp32(tensors: list[Tensor], p: float) -> Tensor:
+    if len(tensors) > 2 and tensors[0].device.type == "cpu":
+        norms = _stacked_norms(tensors, p)
+        if norms is not None:
+            return norms
+    return _plain_foreach_norm(tensors, p)
+
+
+def _stacked_norms(tensors: list[Tensor], p: float) -> Optional[Tensor]:
+    """Norms of one CPU (device, dtype) group, small tensors of equal size stacked; ``None`` if none pair up."""
+    by_size: dict[int, list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        if 0 < t.numel() <= _STACK_NUMEL:
+            by_size[t.numel()].append(i)
+    stacks = [idx for idx in by_size.values() if len(idx) > 1]
+    if not stacks:
+        return None
+    dtype = None if tensors[0].dtype == torch.float64 else _NORM_DTYPE  # float64 keeps its precision through the norm
+    parts, order = [], []
+    for idx in stacks:
+        rows = torch.stack([tensors[i].reshape(-1) for i in idx])
+        parts.append(torch.linalg.vector_norm(rows, p, dim=1, dtype=dtype).to(_NORM_DTYPE))
+        order += idx
+    stacked = set(order)
+    rest = [i for i in range(len(tensors)) if i not in stacked]
+    if rest:
+        parts.append(_plain_foreach_norm([tensors[i] for i in rest], p))
+        order += rest
+    out = torch.empty(len(tensors), dtype=_NORM_DTYPE)
+    return out.index_copy_(0, _index_on(order, out.device), torch.cat(parts))
+
+
+def _plain_foreach_norm(tensors: list[Tensor], p: float) -> Tensor:
     if tensors[0].dtype in (torch.float64,):
         # keep double precision through the norm, report float32 like every other dtype
         return torch.stack(torch._foreach_norm(tensors, p)).to(_NORM_DTYPE)
@@ -224,13 +262,13 @@ class UnitNorms(NamedTuple):
     """units per tensor"""
 
 
-_LAYOUT_CACHE: dict[tuple, tuple[Tensor, Optional[Tensor]]] = {}
+_LAYOUT_CACHE: dict[tuple, tuple[Segments, Optional[Tensor]]] = {}
 
 
 def _unit_layout(
     counts: tuple[int, ...], has_rows: tuple[bool, ...], device: torch.device
-) -> tuple[Tensor, Optional[Tensor]]:
-    """Units per tensor (the segment lengths); and where each unit sits in the order the norms are computed in
+) -> tuple[Segments, Optional[Tensor]]:
+    """Each tensor's units as a segment of the unit vector; and where each unit sits in the order the norms are computed in
     (row tensors first, then the whole tensors), or ``None`` when that is already the input order. Cached: a model's
     layout does not change between steps."""
     key = (counts, has_rows, device)
@@ -248,19 +286,52 @@ def _unit_layout(
             offset += counts[i]
         identity = position == list(range(len(position)))
         cached = (
-            device_tensor(counts, dtype=torch.long, device=device),
+            Segments(counts, device),
             None if identity else device_tensor(position, dtype=torch.long, device=device),
         )
         _LAYOUT_CACHE[key] = cached
     return cached
 
 
-def segment_sum(values: Tensor, lengths: Tensor) -> Tensor:
-    """Sums of consecutive segments of the last dimension of ``values`` (``lengths`` gives each segment's size, and
-    has the leading dimensions of ``values``). Deterministic on every device, unlike ``index_add_``, which adds in a
-    varying order on CUDA: ranks that hold the same gradients must get the same bits. ``unsafe`` skips the check of
-    the lengths, which would read them on the host."""
-    return torch.segment_reduce(values, "sum", lengths=lengths, axis=values.ndim - 1, unsafe=True, initial=0.0)
+class Segments:
+    """Consecutive segments of a vector, given by their lengths, and their sums, the same bits on every run: ranks
+    that hold the same gradients must take the same decisions (``index_add_`` adds in a varying order on CUDA).
+
+    On the CPU the sums are one ``segment_reduce`` (``unsafe``: no check of the lengths, which would read them on
+    the host). CUDA's ``segment_reduce`` walks each segment in a single thread, slow for the thousands of rows of a
+    large weight, so there (or with ``grouped=True``) the segments of each distinct length are gathered into a
+    matrix and summed along its rows instead: two kernels per distinct length. Built once per layout.
+    """
+
+    def __init__(self, lengths: Sequence[int], device: torch.device, grouped: Optional[bool] = None) -> None:
+        device = torch.device(device)
+        self.grouped = device.type == "cuda" if grouped is None else grouped
+        self.lengths = device_tensor(list(lengths), dtype=torch.long, device=device)
+        self.groups: list[tuple[int, int, Tensor]] = []  # (segments, their length, where their elements are)
+        self.inverse: Optional[Tensor] = None  # from the grouped order back to the input order (None: the same)
+        if self.grouped:
+            starts = [0, *itertools.accumulate(lengths)][:-1]
+            by_length: dict[int, list[int]] = defaultdict(list)
+            for i, n in enumerate(lengths):
+                by_length[n].append(i)
+            order: list[int] = []
+            for n, ids in by_length.items():
+                index = [starts[i] + j for i in ids for j in range(n)]
+                self.groups.append((len(ids), n, device_tensor(index, dtype=torch.long, device=device)))
+                order += ids
+            if order != sorted(order):
+                inverse = [0] * len(order)
+                for position, i in enumerate(order):
+                    inverse[i] = position
+                self.inverse = device_tensor(inverse, dtype=torch.long, device=device)
+
+    def sum(self, values: Tensor) -> Tensor:
+        """The sum of each segment of the 1-D ``values``."""
+        if not self.grouped:
+            return torch.segment_reduce(values, "sum", lengths=self.lengths, unsafe=True, initial=0.0)
+        parts = [values.index_select(0, index).view(k, n).sum(1) for k, n, index in self.groups]
+        sums = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return sums if self.inverse is None else sums.index_select(0, self.inverse)
 
 
 def unit_norms(tensors: Sequence[Tensor], *, device: Optional[torch.device] = None) -> UnitNorms:
@@ -289,8 +360,8 @@ def unit_norms(tensors: Sequence[Tensor], *, device: Optional[torch.device] = No
         empty = torch.zeros(0, dtype=_NORM_DTYPE, device=dev)
         return UnitNorms(empty, empty, torch.zeros((), dtype=_NORM_DTYPE, device=dev), [])
     local = local_shards(items)
-    units, counts, has_rows, lengths = _units(items, local, device if device is not None else local[0].device)
-    per_tensor = segment_sum(units.square(), lengths).sqrt()
+    units, counts, has_rows, segments = _units(items, local, device if device is not None else local[0].device)
+    per_tensor = segments.sum(units.square()).sqrt()
     if any(a is not b and rows for a, b, rows in zip(local, items, has_rows)):
         # the rows of a sharded tensor are local to its shard: its norm adds up over the shards (the units that are
         # whole tensors are full-tensor norms already, so they are passed as plain tensors and left alone)
@@ -309,9 +380,9 @@ def unit_values(tensors: Sequence[Tensor], *, device: Optional[torch.device] = N
 
 def _units(
     items: Sequence[Tensor], local: Sequence[Tensor], out_device: torch.device
-) -> tuple[Tensor, list[int], list[bool], Tensor]:
+) -> tuple[Tensor, list[int], list[bool], Segments]:
     """Unit norms in input order (whole-tensor units reduced over shards), units per tensor, which tensors have
-    rows, and the units per tensor as a device tensor (the lengths of :func:`segment_sum`)."""
+    rows, and each tensor's units as a segment."""
     counts = [t.shape[0] if t.ndim > 1 else 1 for t in local]
     has_rows = [t.ndim > 1 for t in local]
     # rows: one reduction over the trailing dimensions per tensor; whole tensors: one foreach call for all of them
@@ -326,8 +397,8 @@ def _units(
         if any(local[i] is not items[i] for i in whole):  # a whole sharded tensor is one unit: its full norm
             norms = _reduce_sharded([items[i] for i in whole], norms, 2.0)
         parts.append(norms)
-    lengths, position = _unit_layout(tuple(counts), tuple(has_rows), out_device)
+    segments, position = _unit_layout(tuple(counts), tuple(has_rows), out_device)
     units = torch.cat(parts) if len(parts) > 1 else parts[0]
     if position is not None:  # back to input order
         units = units.index_select(0, position)
-    return units, counts, has_rows, lengths
+    return units, counts, has_rows, segments
