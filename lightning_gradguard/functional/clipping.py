@@ -128,7 +128,12 @@ def scale_(tensors: Sequence[Tensor], coef: Union[Tensor, Sequence[Tensor]]) -> 
         tensor([[0.5000, 0.5000],
                 [0.5000, 0.5000]])
     """
-    for (device, _), (group, idx) in _groups(tensors).items():
+    groups = _groups(tensors)
+    if len(groups) == 1 and not isinstance(coef, Tensor):  # one device and dtype: the coefficients as they are
+        ((group, _),) = groups.values()
+        torch._foreach_mul_(group, list(coef))
+        return
+    for (device, _), (group, idx) in groups.items():
         if isinstance(coef, Tensor):
             torch._foreach_mul_(group, coef.to(device))
         else:
@@ -444,7 +449,7 @@ class _AgcRule(_Rule):
         self._layout: Optional[_AgcLayout] = None
 
     def _layout_of(self, step: _Step) -> _AgcLayout:
-        key = tuple((n, tuple(g.shape)) for n, g in zip(step.names, step.local_grads))
+        key = (tuple(step.names), tuple([g.shape for g in step.local_grads]))
         if key != self._layout_key or self._layout is None:
             units, shapes, clipped = [], [], []
             for name, p, g in zip(step.names, step.params, step.local_grads):

@@ -124,18 +124,18 @@ def _foreach_norm_fp32(tensors: list[Tensor], p: float) -> Tensor:
 
 
 def _stacked_norms(tensors: list[Tensor], p: float) -> Optional[Tensor]:
-    """Norms of one CPU (device, dtype) group, small tensors of equal size stacked; ``None`` if none pair up."""
-    by_size: dict[int, list[int]] = defaultdict(list)
+    """Norms of one CPU (device, dtype) group, small tensors of equal shape stacked; ``None`` if none pair up."""
+    by_shape: dict[torch.Size, list[int]] = defaultdict(list)
     for i, t in enumerate(tensors):
         if 0 < t.numel() <= _STACK_NUMEL:
-            by_size[t.numel()].append(i)
-    stacks = [idx for idx in by_size.values() if len(idx) > 1]
+            by_shape[t.shape].append(i)
+    stacks = [idx for idx in by_shape.values() if len(idx) > 1]
     if not stacks:
         return None
     dtype = None if tensors[0].dtype == torch.float64 else _NORM_DTYPE  # float64 keeps its precision through the norm
     parts, order = [], []
     for idx in stacks:
-        rows = torch.stack([tensors[i].reshape(-1) for i in idx])
+        rows = torch.stack([tensors[i] for i in idx]).view(len(idx), -1)
         parts.append(torch.linalg.vector_norm(rows, p, dim=1, dtype=dtype).to(_NORM_DTYPE))
         order += idx
     stacked = set(order)
