@@ -282,11 +282,13 @@ def fit_clipping_vs_lightning(blocks: int, width: int, steps: int, repeats: int,
                 trainer.fit(module, data)
                 if repeat:  # the steady state: past the 25-step safe start of the adaptive rules and a first flush
                     spent[name].extend((callback.hook_times if callback is not None else module.spent)[skip:])
-    base = statistics.mean(spent["Trainer(gradient_clip_val=1.0)"])
-    print(f"\nclipping inside Trainer.fit (batch 64, mean per step over steps {skip}-{steps} of {repeats} runs each, "
-          "gradguard's time includes its logging and flushes):")
+    base = spent["Trainer(gradient_clip_val=1.0)"]
+    print(f"\nclipping inside Trainer.fit (batch 64, per step over steps {skip}-{steps} of {repeats} runs each, "
+          "gradguard's time includes its logging and flushes; mean, then median, which a stray pause moves less):")
     for name, times in spent.items():
-        print(f"  {name:<42} {statistics.mean(times) * 1e3:7.3f} ms  {statistics.mean(times) / base:5.2f}x")
+        mean, median = statistics.mean(times), statistics.median(times)
+        print(f"  {name:<42} mean {mean * 1e3:7.3f} ms  {mean / statistics.mean(base):5.2f}x   "
+              f"median {median * 1e3:7.3f} ms  {median / statistics.median(base):5.2f}x")
 
 
 def main() -> None:
