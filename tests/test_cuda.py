@@ -125,3 +125,15 @@ def test_bf16_mixed_on_the_gpu(tmp_path):
                            callbacks=[monitor, _sync_free(GradientClipping)()])
     trainer.fit(TinyMLP())
     assert monitor.steps_recorded == 10
+
+
+def test_host_to_device_copies_do_not_wait_for_the_gpu():
+    from lightning_gradguard.utilities import device_tensor, to_device
+
+    busy = torch.randn(4096, 4096, device="cuda")
+    with no_device_sync():
+        busy @ busy  # queued work the copies must not wait for
+        moved = to_device(torch.arange(5.0), "cuda")
+        made = device_tensor([3, 1, 2], dtype=torch.long, device=torch.device("cuda"))
+    assert moved.device.type == "cuda" and made.device.type == "cuda"
+    assert moved.tolist() == [0.0, 1.0, 2.0, 3.0, 4.0] and made.tolist() == [3, 1, 2]

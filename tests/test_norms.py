@@ -152,3 +152,17 @@ def test_segments_sum_each_segment_and_agree_across_layouts(grouped):
     assert torch.equal(segments.sum(values.clone()), result)
     if grouped:
         assert sorted(n for _, n, _ in segments.groups) == [0, 1, 2, 3, 7]
+
+
+def test_host_to_device_helpers_and_cached_indices():
+    from lightning_gradguard.functional.norms import _index_on
+    from lightning_gradguard.utilities import device_tensor, to_device
+
+    t = torch.arange(3.0)
+    assert to_device(t, "cpu") is t  # nothing to move: no copy
+    made = device_tensor([1, 2], dtype=torch.long, device="cpu")
+    assert made.dtype == torch.long and made.tolist() == [1, 2]
+    assert device_tensor([0.5]).device.type == "cpu"
+    # a model's index tensors are made once and reused every step (a fresh copy to a GPU would make the host wait)
+    assert _index_on([0, 2], torch.device("cpu")) is _index_on((0, 2), torch.device("cpu"))
+    assert _index_on([0, 2], torch.device("cpu")).tolist() == [0, 2]
