@@ -49,10 +49,10 @@ from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from lightning_gradguard.functional.norms import (
+    Segments,
     _index_on,
     _reduce_sharded,
     grad_norms,
-    Segments,
     local_shards,
     unit_norms,
     unit_values,

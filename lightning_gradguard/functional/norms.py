@@ -268,9 +268,9 @@ _LAYOUT_CACHE: dict[tuple, tuple[Segments, Optional[Tensor]]] = {}
 def _unit_layout(
     counts: tuple[int, ...], has_rows: tuple[bool, ...], device: torch.device
 ) -> tuple[Segments, Optional[Tensor]]:
-    """Each tensor's units as a segment of the unit vector; and where each unit sits in the order the norms are computed in
-    (row tensors first, then the whole tensors), or ``None`` when that is already the input order. Cached: a model's
-    layout does not change between steps."""
+    """Each tensor's units as a segment of the unit vector; and where each unit sits in the order the norms are
+    computed in (row tensors first, then the whole tensors), or ``None`` when that is already the input order.
+    Cached: a model's layout does not change between steps."""
     key = (counts, has_rows, device)
     cached = _LAYOUT_CACHE.get(key)
     if cached is None:
