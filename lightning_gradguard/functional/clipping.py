@@ -436,6 +436,8 @@ class _AgcLayout(NamedTuple):
     segments: Segments  # each tensor's units, twice over (`_global_norms` sums two values per unit)
     clipped: Tensor  # for every unit, whether AGC clips it (its tensor is not excluded)
     sharded: bool  # whether some tensor with rows is a DTensor (its per-tensor sums are partial)
+    coef: Tensor  # every unit's coefficient, rewritten each step
+    coef_views: list[Tensor]  # per tensor, the view of `coef` that broadcasts over its gradient
 
 
 class _AgcRule(_Rule):
@@ -447,9 +449,10 @@ class _AgcRule(_Rule):
         self.patterns = [re.compile(p) for p in exclude]
         self._layout_key: Optional[tuple] = None
         self._layout: Optional[_AgcLayout] = None
+        self._one = _Constant(1.0)
 
     def _layout_of(self, step: _Step) -> _AgcLayout:
-        key = (tuple(step.names), tuple([g.shape for g in step.local_grads]))
+        key = (tuple(step.names), tuple([g.shape for g in step.local_grads]), step.total.device)
         if key != self._layout_key or self._layout is None:
             units, shapes, clipped = [], [], []
             for name, p, g in zip(step.names, step.params, step.local_grads):
@@ -461,6 +464,10 @@ class _AgcRule(_Rule):
                 clipped += [not any(p.search(name) for p in self.patterns)] * n
             device = step.total.device
             with_rows = [i for i, g in enumerate(step.local_grads) if g.ndim > 1]
+            coef = torch.ones(sum(units), device=device)
+            coef_views = [
+                c if shape is None else c.view(shape) for c, shape in zip(torch.split(coef, units), shapes)
+            ]
             self._layout = _AgcLayout(
                 units,
                 shapes,
@@ -469,6 +476,8 @@ class _AgcRule(_Rule):
                 Segments(units + units, device),
                 device_tensor(clipped, dtype=torch.bool, device=device),
                 any(hasattr(step.params[i], "placements") for i in with_rows),
+                coef,
+                coef_views,
             )
             self._layout_key = key
         return self._layout
@@ -480,14 +489,15 @@ class _AgcRule(_Rule):
         with torch.no_grad():  # cheaper than a detached view per parameter
             weight_norms = unit_values(step.params, device=step.total.device)
         grad_units = step.units if step.units is not None else unit_values(step.grads, device=step.total.device)
-        coef = agc_coefficients(weight_norms, grad_units, self.clip_factor, self.eps)
-        coef = torch.where(layout.clipped & step.finite, coef, torch.ones_like(coef))
-        per_tensor = torch.split(coef, layout.units)
-        scale_(step.local_grads, [c if shape is None else c.view(shape) for c, shape in zip(per_tensor, layout.shapes)])
+        max_norm = weight_norms.clamp(min=self.eps) * self.clip_factor  # agc_coefficients' limit, computed once
+        coef = torch.where(grad_units < max_norm, 1.0, max_norm / grad_units.clamp(min=1e-6))
+        # into the layout's buffer, whose per-tensor views (made once) broadcast over the gradients
+        torch.where(layout.clipped & step.finite, coef, self._one.on(coef.device), out=layout.coef)
+        scale_(step.local_grads, layout.coef_views)
         # exact norms from the units (each was scaled as a whole): no second pass over the gradients. The threshold
         # reported is the global norm a gradient has when every clipped unit sits exactly at its limit.
-        limits = weight_norms.clamp(min=self.eps) * self.clip_factor
-        limits = torch.where(layout.clipped, limits, torch.zeros_like(limits))
+        limits = torch.where(layout.clipped, max_norm, 0.0)
+        coef = layout.coef
         clipped_norm, threshold = self._global_norms(step, layout, torch.stack([grad_units * coef, limits]))
         return clipped_norm, threshold
 
