@@ -166,3 +166,20 @@ def test_host_to_device_helpers_and_cached_indices():
     # a model's index tensors are made once and reused every step (a fresh copy to a GPU would make the host wait)
     assert _index_on([0, 2], torch.device("cpu")) is _index_on((0, 2), torch.device("cpu"))
     assert _index_on([0, 2], torch.device("cpu")).tolist() == [0, 2]
+
+
+@pytest.mark.parametrize(
+    "shapes",
+    [[(4, 5)] * 3, [(7,)] * 4 + [(300, 300)], [(3,), (3, 1), (3,), (2, 2), (3,), (2, 2), ()]],
+    ids=["one-stack", "stack-and-large", "mixed"],
+)
+@pytest.mark.parametrize("norm_type", [2.0, math.inf])
+def test_stacked_small_tensors_give_each_tensors_own_norm(shapes, norm_type):
+    """On the CPU small tensors of one shape are stacked into one reduction: each still gets its own norm, in its
+    own place."""
+    gen = torch.Generator().manual_seed(0)
+    tensors = [torch.randn(s, generator=gen) * (i + 1) for i, s in enumerate(shapes)]
+    per_tensor, total = grad_norms(tensors, norm_type)
+    expected = torch.stack([torch.linalg.vector_norm(t, norm_type) for t in tensors])
+    torch.testing.assert_close(per_tensor, expected)
+    torch.testing.assert_close(total, torch.linalg.vector_norm(expected, norm_type))

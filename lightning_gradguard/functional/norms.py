@@ -138,6 +138,8 @@ def _stacked_norms(tensors: list[Tensor], p: float) -> Optional[Tensor]:
         rows = torch.stack([tensors[i] for i in idx]).view(len(idx), -1)
         parts.append(torch.linalg.vector_norm(rows, p, dim=1, dtype=dtype).to(_NORM_DTYPE))
         order += idx
+    if len(parts) == 1 and len(order) == len(tensors):  # one stack of every tensor, in order: nothing to place
+        return parts[0]
     stacked = set(order)
     rest = [i for i in range(len(tensors)) if i not in stacked]
     if rest:
