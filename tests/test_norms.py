@@ -150,6 +150,10 @@ def test_segments_sum_each_segment_and_agree_across_layouts(grouped):
     torch.testing.assert_close(result, expected)
     assert result[3] == 0.0
     assert torch.equal(segments.sum(values.clone()), result)
+    # the maxima (quantization's per-tensor absmax), at least 0 and 0 for an empty segment
+    maxima = segments.reduce(values, "max")
+    expected_max = torch.stack([part.max() if part.numel() else torch.tensor(0.0) for part in values.split(lengths)])
+    torch.testing.assert_close(maxima, expected_max, rtol=0, atol=0)
     if grouped:
         assert sorted(n for _, n, _ in segments.groups) == [0, 1, 2, 3, 7]
 

@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
-from lightning_gradguard.functional.norms import _norms_of, grad_norms, local_shards, unit_norms
+from lightning_gradguard.functional.norms import _norms_of, _unit_norms_of, grad_norms, local_shards
 from lightning_gradguard.logging.buffer import DeferredBuffer, FlushResult
 from lightning_gradguard.logging.tensorboard import (
     find_tensorboard_writer,
@@ -85,8 +85,9 @@ class GradStep:
         self.local_grads: list[Tensor] = local_shards(self.grads)
         self._multi_optimizer = multi_optimizer
         self.unit_norms: Optional[Tensor] = None
-        if with_unit_norms:  # a stage needs row norms (AGC): they give the tensors' norms in the same pass
-            self.unit_norms, self.per_tensor_norms, self.total_norm, _ = unit_norms(self.grads)
+        if with_unit_norms and self.grads:  # a stage needs row norms (AGC): they give the tensors' norms in one pass
+            units = _unit_norms_of(self.grads, self.local_grads, None)
+            self.unit_norms, self.per_tensor_norms, self.total_norm = units.units, units.per_tensor, units.total
         else:
             self.per_tensor_norms, self.total_norm = (
                 _norms_of(self.grads, self.local_grads, 2.0, None) if self.grads else grad_norms([])

@@ -202,8 +202,16 @@ def agc_coefficients(weight_norms: Tensor, grad_norms: Tensor, clip_factor: floa
         >>> agc_coefficients(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]), clip_factor=0.01)
         tensor([1.0000e-02, 1.0000e-05])
     """
-    max_norm = weight_norms.clamp(min=eps) * clip_factor
-    return torch.where(grad_norms < max_norm, torch.ones_like(max_norm), max_norm / grad_norms.clamp(min=1e-6))
+    return _agc_coef(grad_norms, _agc_limits(weight_norms, clip_factor, eps))
+
+
+def _agc_limits(weight_norms: Tensor, clip_factor: float = 0.01, eps: float = 1e-3) -> Tensor:
+    """AGC's largest allowed gradient norm per unit: ``clip_factor * max(|W|, eps)``."""
+    return weight_norms.clamp(min=eps) * clip_factor
+
+
+def _agc_coef(grad_norms: Tensor, limits: Tensor) -> Tensor:
+    return torch.where(grad_norms < limits, 1.0, limits / grad_norms.clamp(min=1e-6))
 
 
 def adagc_coefficients(norms: Tensor, gamma: Tensor, factor: float = 1.05) -> Tensor:
@@ -418,21 +426,18 @@ class _ValueRule(_Rule):
     global_threshold = False
 
     def __init__(self, clip_value: float) -> None:
-        self.clip_value = clip_value
+        self.threshold = _Constant(clip_value)
 
     def apply_(self, step: _Step, eps: float) -> tuple[Tensor, Tensor]:
-        threshold = torch.full((), self.clip_value, device=step.total.device)
-        clamp_(step.local_grads, torch.where(step.finite, threshold, torch.full_like(threshold, math.inf)))
+        threshold = self.threshold.on(step.total.device)
+        clamp_(step.local_grads, torch.where(step.finite, threshold, math.inf))  # a non-finite step: left as it is
         return grad_norms(step.grads)[1], threshold
 
 
 class _AgcLayout(NamedTuple):
     """How the units of one model's tensors line up (cached while names and local shapes stay the same)."""
 
-    units: list[int]  # units per tensor (rows of the local shard, or 1)
-    shapes: list[Optional[tuple[int, ...]]]  # view that broadcasts the units' coefficients (None: as is)
     with_rows: list[int]  # tensors with rows (two or more dimensions)
-    without_rows: list[int]  # biases and scalars: one unit, the whole tensor
     segments: Segments  # each tensor's units, twice over (`_global_norms` sums two values per unit)
     clipped: Tensor  # for every unit, whether AGC clips it (its tensor is not excluded)
     sharded: bool  # whether some tensor with rows is a DTensor (its per-tensor sums are partial)
@@ -469,10 +474,7 @@ class _AgcRule(_Rule):
                 c if shape is None else c.view(shape) for c, shape in zip(torch.split(coef, units), shapes)
             ]
             self._layout = _AgcLayout(
-                units,
-                shapes,
                 with_rows,
-                [i for i, g in enumerate(step.local_grads) if g.ndim <= 1],
                 Segments(units + units, device),
                 device_tensor(clipped, dtype=torch.bool, device=device),
                 any(hasattr(step.params[i], "placements") for i in with_rows),
@@ -489,8 +491,8 @@ class _AgcRule(_Rule):
         with torch.no_grad():  # cheaper than a detached view per parameter
             weight_norms = unit_values(step.params, device=step.total.device)
         grad_units = step.units if step.units is not None else unit_values(step.grads, device=step.total.device)
-        max_norm = weight_norms.clamp(min=self.eps) * self.clip_factor  # agc_coefficients' limit, computed once
-        coef = torch.where(grad_units < max_norm, 1.0, max_norm / grad_units.clamp(min=1e-6))
+        max_norm = _agc_limits(weight_norms, self.clip_factor, self.eps)  # also the threshold's limits below
+        coef = _agc_coef(grad_units, max_norm)
         # into the layout's buffer, whose per-tensor views (made once) broadcast over the gradients
         torch.where(layout.clipped & step.finite, coef, self._one.on(coef.device), out=layout.coef)
         scale_(step.local_grads, layout.coef_views)

@@ -14,7 +14,7 @@ import itertools
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from typing import NamedTuple, Optional, Union
+from typing import Literal, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -296,19 +296,20 @@ def _unit_layout(
 
 
 class Segments:
-    """Consecutive segments of a vector, given by their lengths, and their sums, the same bits on every run: ranks
-    that hold the same gradients must take the same decisions (``index_add_`` adds in a varying order on CUDA).
+    """Consecutive segments of a vector, given by their lengths, and their sums (or maxima), the same bits on every
+    run: ranks that hold the same gradients must take the same decisions (``index_add_`` adds in a varying order on
+    CUDA). Used for the per-tensor sums of unit norms and of quantization blocks.
 
-    On the CPU the sums are one ``segment_reduce`` (``unsafe``: no check of the lengths, which would read them on
+    On the CPU a reduction is one ``segment_reduce`` (``unsafe``: no check of the lengths, which would read them on
     the host). CUDA's ``segment_reduce`` walks each segment in a single thread, slow for the thousands of rows of a
     large weight, so there (or with ``grouped=True``) the segments of each distinct length are gathered into a
-    matrix and summed along its rows instead: two kernels per distinct length. Built once per layout.
+    matrix and reduced along its rows instead: two kernels per distinct length. Built once per layout.
     """
 
     def __init__(self, lengths: Sequence[int], device: torch.device, grouped: Optional[bool] = None) -> None:
         device = torch.device(device)
         self.grouped = device.type == "cuda" if grouped is None else grouped
-        self.lengths = device_tensor(list(lengths), dtype=torch.long, device=device)
+        self.lengths = None if self.grouped else device_tensor(list(lengths), dtype=torch.long, device=device)
         self.groups: list[tuple[int, int, Tensor]] = []  # (segments, their length, where their elements are)
         self.inverse: Optional[Tensor] = None  # from the grouped order back to the input order (None: the same)
         if self.grouped:
@@ -329,11 +330,24 @@ class Segments:
 
     def sum(self, values: Tensor) -> Tensor:
         """The sum of each segment of the 1-D ``values``."""
+        return self.reduce(values, "sum")
+
+    def reduce(self, values: Tensor, how: Literal["sum", "max"] = "sum") -> Tensor:
+        """The sum, or the maximum (at least 0, as ``segment_reduce`` with ``initial=0``), of each segment of the
+        1-D ``values``; 0 for an empty segment."""
         if not self.grouped:
-            return torch.segment_reduce(values, "sum", lengths=self.lengths, unsafe=True, initial=0.0)
-        parts = [values.index_select(0, index).view(k, n).sum(1) for k, n, index in self.groups]
-        sums = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return sums if self.inverse is None else sums.index_select(0, self.inverse)
+            return torch.segment_reduce(values, how, lengths=self.lengths, unsafe=True, initial=0.0)
+        parts = [_reduce_rows(values.index_select(0, index).view(k, n), how) for k, n, index in self.groups]
+        out = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return out if self.inverse is None else out.index_select(0, self.inverse)
+
+
+def _reduce_rows(matrix: Tensor, how: str) -> Tensor:
+    if how == "sum":
+        return matrix.sum(1)
+    if matrix.shape[1] == 0:
+        return matrix.new_zeros(matrix.shape[0])
+    return matrix.amax(1).clamp(min=0.0)
 
 
 def unit_norms(tensors: Sequence[Tensor], *, device: Optional[torch.device] = None) -> UnitNorms:
@@ -361,7 +375,11 @@ def unit_norms(tensors: Sequence[Tensor], *, device: Optional[torch.device] = No
         dev = device if device is not None else torch.device("cpu")
         empty = torch.zeros(0, dtype=_NORM_DTYPE, device=dev)
         return UnitNorms(empty, empty, torch.zeros((), dtype=_NORM_DTYPE, device=dev), [])
-    local = local_shards(items)
+    return _unit_norms_of(items, local_shards(items), device)
+
+
+def _unit_norms_of(items: Sequence[Tensor], local: Sequence[Tensor], device: Optional[torch.device]) -> UnitNorms:
+    """:func:`unit_norms` of ``items`` whose local shards ``local`` are already at hand."""
     units, counts, has_rows, segments = _units(items, local, device if device is not None else local[0].device)
     per_tensor = segments.sum(units.square()).sqrt()
     if any(a is not b and rows for a, b, rows in zip(local, items, has_rows)):

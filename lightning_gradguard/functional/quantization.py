@@ -74,7 +74,7 @@ from typing import Any, Literal, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from lightning_gradguard.functional.norms import as_local_tensor
+from lightning_gradguard.functional.norms import Segments, as_local_tensor
 from lightning_gradguard.utilities import device_tensor
 
 __all__ = [
@@ -303,7 +303,7 @@ class _Group:
             starts.append(starts[-1] + b * block_size)
         segment = [i for i, b in enumerate(blocks) for _ in range(b)]
         self.segment = device_tensor(segment, dtype=torch.long, device=device)
-        self.blocks = device_tensor(blocks, dtype=torch.long, device=device)
+        self.segments = Segments(blocks, device)  # each tensor's blocks
         self.rows = torch.arange(self.num_blocks, device=device)
         self.starts = device_tensor(starts, dtype=torch.long, device=device)
         self.last_offset = device_tensor([max(n - 1, 0) for n in sizes], dtype=torch.long, device=device)
@@ -321,10 +321,8 @@ class _Group:
         return [piece[:n].view(shape) for piece, n, shape in zip(pieces, sizes, shapes)]
 
     def per_tensor(self, per_block: Tensor, reduce: Literal["sum", "max"] = "sum") -> Tensor:
-        # a segment reduction, deterministic on every device (index_add_ adds in a varying order on CUDA, and ranks
-        # must agree bitwise); `unsafe` skips the validation of the lengths, which would read them on the host
-        values = per_block.to(self.numel.dtype)
-        return torch.segment_reduce(values, reduce, lengths=self.blocks, unsafe=True, initial=0.0)
+        # deterministic on every device: ranks must agree bitwise (see Segments)
+        return self.segments.reduce(per_block.to(self.numel.dtype), reduce)
 
     def per_block(self, per_tensor: Tensor) -> Tensor:
         return per_tensor.index_select(0, self.segment)
