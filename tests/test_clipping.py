@@ -557,6 +557,42 @@ def _equal(a: Any, b: Any) -> bool:
     return a == b
 
 
+@pytest.mark.parametrize("nonfinite", [None, math.inf, math.nan])
+def test_value_clipping_of_mixed_tensors_matches_torch(nonfinite):
+    """``"value"`` clamps each tensor and takes the clipped norm in one pass over it (small tensors of one shape
+    stacked, larger ones one by one, float64 and bfloat16 in their own groups): the gradients equal
+    ``clip_grad_value_``'s and the clipped norm is theirs. A step with a non-finite gradient is left untouched."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(7,)] * 4 + [(300, 40), (3, 5), (64,), (2, 3, 4)]
+    dtypes = [torch.float32] * 6 + [torch.float64, torch.bfloat16]
+    params = [
+        nn.Parameter((torch.randn(s, generator=gen) * 0.1 * (i + 1)).to(d)) for i, (s, d) in enumerate(zip(shapes, dtypes))
+    ]
+    for p in params:
+        p.grad = torch.randn(p.shape, generator=gen).to(p.dtype) * 0.2
+    if nonfinite is not None:
+        params[4].grad[3, 5] = nonfinite
+    copies = [nn.Parameter(p.detach().clone()) for p in params]
+    for c, p in zip(copies, params):
+        c.grad = p.grad.clone()
+    if nonfinite is None:
+        torch.nn.utils.clip_grad_value_(copies, 0.1)
+    expected = [c.grad for c in copies]
+    before = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.double()) for p in params]))
+    with HostSyncCounter() as counter:
+        result = GradientClipper("value", clip_value=0.1).clip_(params)
+    assert counter.total == 0, dict(counter.counts)
+    for p, e in zip(params, expected):
+        assert torch.equal(p.grad, e) if nonfinite is None else torch.equal(p.grad.nan_to_num(), e.nan_to_num())
+    after = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad.double()) for p in params]))
+    if nonfinite is None:
+        torch.testing.assert_close(result.clipped_norm.double(), after, rtol=1e-5, atol=0)
+        assert result.clipped_norm < result.total_norm
+        torch.testing.assert_close(result.total_norm.double(), before, rtol=1e-5, atol=0)
+    else:
+        assert not torch.isfinite(result.total_norm) and result.coef.item() == 1.0
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # logging, charts, the shared norm
 # ---------------------------------------------------------------------------------------------------------------
@@ -575,7 +611,11 @@ class NormReadCounter(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         if func in (torch.ops.aten._foreach_norm.Scalar, torch.ops.aten.stack.default):
             inputs = list(args[0])
-        elif func in (torch.ops.aten.linalg_vector_norm.default, torch.ops.aten.norm.ScalarOpt_dim):
+        elif func in (
+            torch.ops.aten.linalg_vector_norm.default,
+            torch.ops.aten.linalg_vector_norm.out,  # row norms written straight into the unit buffer
+            torch.ops.aten.norm.ScalarOpt_dim,
+        ):
             inputs = [args[0]]
         else:
             inputs = []

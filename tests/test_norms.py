@@ -110,17 +110,21 @@ def test_norm_type_strings_and_ints():
     assert validate_norm_type(2) == 2.0
 
 
-def test_unit_norms_give_rows_tensors_and_total_in_one_pass():
+@pytest.mark.parametrize(
+    "dtypes", [[torch.float32, torch.bfloat16], [torch.float64, torch.float32]], ids=["fp32-bf16", "fp64-fp32"]
+)
+def test_unit_norms_give_rows_tensors_and_total_in_one_pass(dtypes):
     """Row norms of tensors with two or more dimensions, whole-tensor norms of the others, and the per-tensor and
-    global norms they add up to, equal to the direct computations; no host sync."""
-    tensors = _mixed_tensors([torch.float32, torch.bfloat16])
+    global norms they add up to, equal to the direct computations; no host sync. Float64 rows are reduced in their
+    own precision and reported in float32 like every other dtype."""
+    tensors = _mixed_tensors(dtypes)
     with HostSyncCounter() as counter:
         result = unit_norms(tensors)
     assert counter.total == 0, dict(counter.counts)
     expected_units = torch.cat(
         [
-            torch.linalg.vector_norm(t.float(), dim=tuple(range(1, t.ndim))) if t.ndim > 1
-            else torch.linalg.vector_norm(t.float()).reshape(1)
+            torch.linalg.vector_norm(t.double(), dim=tuple(range(1, t.ndim))).float() if t.ndim > 1
+            else torch.linalg.vector_norm(t.double()).float().reshape(1)
             for t in tensors
         ]
     )

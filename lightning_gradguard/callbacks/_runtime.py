@@ -92,13 +92,21 @@ class GradStep:
             self.per_tensor_norms, self.total_norm = (
                 _norms_of(self.grads, self.local_grads, 2.0, None) if self.grads else grad_norms([])
             )
-        self.finite: Tensor = torch.isfinite(self.total_norm)
-        self.nonfinite: Tensor = ~self.finite
+        # a norm is >= 0 or NaN: below inf exactly when finite (one comparison, where isfinite takes several)
+        self.finite: Tensor = self.total_norm < math.inf
+        self._nonfinite: Optional[Tensor] = None
         self.clip_coef: Optional[Tensor] = None
         self.clip_threshold: Optional[Tensor] = None
         self.clipped_norm: Optional[Tensor] = None
         self.skipped = False
         self._norm_cache: dict[float, tuple[Tensor, Tensor]] = {2.0: (self.per_tensor_norms, self.total_norm)}
+
+    @property
+    def nonfinite(self) -> Tensor:
+        """Device bool, ``~finite`` (made when a stage first asks)."""
+        if self._nonfinite is None:
+            self._nonfinite = ~self.finite
+        return self._nonfinite
 
     def norms(self, norm_type: float = 2.0) -> tuple[Tensor, Tensor]:
         """Per-tensor and global norms of the gradients as they were when the step began (cached per ``p``)."""

@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Iterable, Sequence
-from typing import Any, Literal, NamedTuple, Optional, Union
+from typing import Any, Callable, Literal, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -51,6 +51,7 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 from lightning_gradguard.functional.norms import (
     Segments,
     _index_on,
+    _norms_of,
     _reduce_sharded,
     grad_norms,
     local_shards,
@@ -143,10 +144,33 @@ def scale_(tensors: Sequence[Tensor], coef: Union[Tensor, Sequence[Tensor]]) -> 
 def clamp_(tensors: Sequence[Tensor], bound: Tensor) -> None:
     """Clamp every element of ``tensors`` in place to ``[-bound, bound]`` (``bound``: a 0-d device tensor, so an
     infinite bound makes this a no-op without a host decision). Two foreach calls per (device, dtype) group."""
-    for (device, dtype), (group, _) in _groups(tensors).items():
-        hi = bound.to(device=device, dtype=dtype)
-        torch._foreach_minimum_(group, [hi] * len(group))
-        torch._foreach_maximum_(group, [-hi] * len(group))
+    clamp = _clamper(bound)
+    for group, _ in _groups(tensors).values():
+        clamp(group)
+
+
+def _clamper(bound: Tensor) -> Callable[[list[Tensor]], None]:
+    """An in-place clamp to ``[-bound, bound]`` of tensors of one device and dtype (the bound cast once for each)."""
+    cast: dict[tuple[torch.device, torch.dtype], tuple[Tensor, Tensor]] = {}
+
+    def clamp(tensors: list[Tensor]) -> None:
+        first = tensors[0]
+        bounds = cast.get((first.device, first.dtype))
+        if bounds is None:
+            hi = bound if bound.device == first.device else to_device(bound, first.device)
+            hi = hi.to(first.dtype)
+            bounds = cast[(first.device, first.dtype)] = (hi, -hi)
+        hi, lo = bounds
+        if len(tensors) == 1:  # a CPU tensor on its own (see `_local_norms`): no list to build
+            torch.minimum(first, hi, out=first)
+            torch.maximum(first, lo, out=first)
+        else:
+            # torch has no foreach clamp to a tensor bound: min and max, where a 0-d tensor bound is one fast kernel
+            # each (`clamp(min=Tensor, max=Tensor)` is a slower three-input kernel on the CPU)
+            torch._foreach_minimum_(tensors, [hi] * len(tensors))
+            torch._foreach_maximum_(tensors, [lo] * len(tensors))
+
+    return clamp
 
 
 def zscore_threshold(
@@ -207,11 +231,13 @@ def agc_coefficients(weight_norms: Tensor, grad_norms: Tensor, clip_factor: floa
 
 def _agc_limits(weight_norms: Tensor, clip_factor: float = 0.01, eps: float = 1e-3) -> Tensor:
     """AGC's largest allowed gradient norm per unit: ``clip_factor * max(|W|, eps)``."""
-    return weight_norms.clamp(min=eps) * clip_factor
+    return weight_norms.clamp(min=eps).mul_(clip_factor)
 
 
 def _agc_coef(grad_norms: Tensor, limits: Tensor) -> Tensor:
-    return torch.where(grad_norms < limits, 1.0, limits / grad_norms.clamp(min=1e-6))
+    # min(1, limit / |g|): where |g| >= limit >= clip_factor * eps the floor on |g| is inactive, as in timm's
+    # `where(|g| < limit, 1, limit / max(|g|, 1e-6))`; a NaN norm gives a NaN coefficient either way
+    return (limits / grad_norms.clamp(min=1e-6)).clamp_(max=1.0)
 
 
 def adagc_coefficients(norms: Tensor, gamma: Tensor, factor: float = 1.05) -> Tensor:
@@ -267,6 +293,13 @@ class _Step:
         self.total = total
         self.units = units  # unit-wise gradient norms (see `unit_norms`) when already computed
         self.finite = torch.isfinite(total) if finite is None else finite
+        self._nonfinite: Optional[Tensor] = None
+
+    @property
+    def nonfinite(self) -> Tensor:
+        if self._nonfinite is None:
+            self._nonfinite = ~self.finite
+        return self._nonfinite
 
 
 class _Rule:
@@ -354,13 +387,15 @@ class _WarmUp:
 class _Constant:
     """A fixed number as a 0-d device tensor, made once per device rather than every step (never written to)."""
 
-    def __init__(self, value: float) -> None:
+    def __init__(self, value: float, dtype: torch.dtype = torch.float32) -> None:
         self.value = value
+        self.dtype = dtype
         self._tensor: Optional[Tensor] = None
 
     def on(self, device: torch.device) -> Tensor:
         if self._tensor is None or self._tensor.device != device:
-            self._tensor = torch.full((), self.value, device=device)
+            dtype = torch.float32 if torch.device(device).type == "mps" else self.dtype  # MPS has no float64
+            self._tensor = torch.full((), self.value, dtype=dtype, device=device)
         return self._tensor
 
 
@@ -426,12 +461,15 @@ class _ValueRule(_Rule):
     global_threshold = False
 
     def __init__(self, clip_value: float) -> None:
-        self.threshold = _Constant(clip_value)
+        self.threshold = _Constant(clip_value)  # reported, in float32 like every logged value
+        self.bound = _Constant(clip_value, torch.float64)  # the clamp's bound: exact in every gradient dtype
 
     def apply_(self, step: _Step, eps: float) -> tuple[Tensor, Tensor]:
         threshold = self.threshold.on(step.total.device)
-        clamp_(step.local_grads, torch.where(step.finite, threshold, math.inf))  # a non-finite step: left as it is
-        return grad_norms(step.grads)[1], threshold
+        bound = torch.where(step.finite, self.bound.on(step.total.device), math.inf)  # a non-finite step: as it is
+        # the clamp is applied inside the norm pass, so that on the CPU each tensor is clamped and its clipped norm
+        # taken while it is in cache
+        return _norms_of(step.grads, step.local_grads, 2.0, step.total.device, _clamper(bound))[1], threshold
 
 
 class _AgcLayout(NamedTuple):
@@ -439,7 +477,7 @@ class _AgcLayout(NamedTuple):
 
     with_rows: list[int]  # tensors with rows (two or more dimensions)
     segments: Segments  # each tensor's units, twice over (`_global_norms` sums two values per unit)
-    clipped: Tensor  # for every unit, whether AGC clips it (its tensor is not excluded)
+    excluded: Optional[Tensor]  # for every unit, whether its tensor is excluded from AGC (None: none is)
     sharded: bool  # whether some tensor with rows is a DTensor (its per-tensor sums are partial)
     coef: Tensor  # every unit's coefficient, rewritten each step
     coef_views: list[Tensor]  # per tensor, the view of `coef` that broadcasts over its gradient
@@ -476,7 +514,7 @@ class _AgcRule(_Rule):
             self._layout = _AgcLayout(
                 with_rows,
                 Segments(units + units, device),
-                device_tensor(clipped, dtype=torch.bool, device=device),
+                None if all(clipped) else device_tensor([not c for c in clipped], dtype=torch.bool, device=device),
                 any(hasattr(step.params[i], "placements") for i in with_rows),
                 coef,
                 coef_views,
@@ -494,25 +532,29 @@ class _AgcRule(_Rule):
         max_norm = _agc_limits(weight_norms, self.clip_factor, self.eps)  # also the threshold's limits below
         coef = _agc_coef(grad_units, max_norm)
         # into the layout's buffer, whose per-tensor views (made once) broadcast over the gradients
-        torch.where(layout.clipped & step.finite, coef, self._one.on(coef.device), out=layout.coef)
+        one = self._one.on(coef.device)
+        if layout.excluded is None:
+            torch.where(step.finite, coef, one, out=layout.coef)
+        else:  # an excluded unit, or any unit of a non-finite step, keeps its gradient as it is
+            torch.where(layout.excluded | step.nonfinite, one, coef, out=layout.coef)
         scale_(step.local_grads, layout.coef_views)
         # exact norms from the units (each was scaled as a whole): no second pass over the gradients. The threshold
         # reported is the global norm a gradient has when every clipped unit sits exactly at its limit.
-        limits = torch.where(layout.clipped, max_norm, 0.0)
-        coef = layout.coef
-        clipped_norm, threshold = self._global_norms(step, layout, torch.stack([grad_units * coef, limits]))
+        limits = max_norm if layout.excluded is None else max_norm.masked_fill(layout.excluded, 0.0)
+        clipped_norm, threshold = self._global_norms(step, layout, torch.stack([grad_units * layout.coef, limits]))
         return clipped_norm, threshold
 
     @staticmethod
     def _global_norms(step: _Step, layout: _AgcLayout, unit_values: Tensor) -> Tensor:
         """Global L2 norms of rows of per-unit values; the local rows of sharded tensors are summed over shards."""
+        if not layout.sharded:  # every unit is whole on every rank: one reduction
+            return torch.linalg.vector_norm(unit_values, dim=1)
         per_tensor_sq = layout.segments.sum(unit_values.square().reshape(-1)).view(unit_values.shape[0], -1)
-        if layout.sharded:
-            index = _index_on(layout.with_rows, unit_values.device)
-            local = per_tensor_sq.index_select(1, index).sqrt()
-            items = [step.params[i] for i in layout.with_rows] * unit_values.shape[0]
-            full = _reduce_sharded(items, local.reshape(-1), 2.0).reshape(local.shape)
-            per_tensor_sq = per_tensor_sq.index_copy(1, index, full.square())
+        index = _index_on(layout.with_rows, unit_values.device)
+        local = per_tensor_sq.index_select(1, index).sqrt()
+        items = [step.params[i] for i in layout.with_rows] * unit_values.shape[0]
+        full = _reduce_sharded(items, local.reshape(-1), 2.0).reshape(local.shape)
+        per_tensor_sq = per_tensor_sq.index_copy(1, index, full.square())
         return per_tensor_sq.sum(dim=1).sqrt()
 
 

@@ -14,7 +14,7 @@ import itertools
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
-from typing import Literal, NamedTuple, Optional, Union
+from typing import Callable, Literal, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor
@@ -34,6 +34,9 @@ __all__ = [
 ]
 
 _NORM_DTYPE = torch.float32
+
+Prepare = Callable[[list[Tensor]], None]
+"""an in-place operation on tensors of one device and dtype, applied just before their norms are taken"""
 
 try:  # DTensor is public from torch 2.4 on
     from torch.distributed.tensor import DTensor
@@ -94,16 +97,22 @@ def _index_on(idx: Sequence[int], device: torch.device) -> Tensor:
     return index
 
 
-def _local_norms(tensors: Sequence[Tensor], p: float, out_device: torch.device) -> Tensor:
+def _local_norms(
+    tensors: Sequence[Tensor], p: float, out_device: torch.device, prepare: Optional[Prepare] = None
+) -> Tensor:
     """Float32 vector of the norms of plain local tensors, one foreach call per (device, dtype) group (grouped in
-    C++, as ``clip_grad_norm_`` does: a Python loop over the tensors costs more than the norms of small ones)."""
+    C++, as ``clip_grad_norm_`` does: a Python loop over the tensors costs more than the norms of small ones).
+
+    ``prepare``: an in-place operation (e.g. a clamp) applied to the tensors of one (device, dtype) group just before
+    their norms are taken, so the norms are those of the result; on the CPU a large tensor gets it right before its
+    own norm, while it is still in cache."""
     grouped = _group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)
     if len(grouped) == 1:
         ((group, _),) = grouped.values()
-        return _foreach_norm_fp32(group[0], p).to(out_device, non_blocking=True)
+        return _foreach_norm_fp32(group[0], p, prepare).to(out_device, non_blocking=True)
     out = torch.empty(len(tensors), dtype=_NORM_DTYPE, device=out_device)
     for (group, idx) in grouped.values():
-        norms = _foreach_norm_fp32(group[0], p)
+        norms = _foreach_norm_fp32(group[0], p, prepare)
         index = _index_on(idx, out_device)
         out.index_copy_(0, index, norms.to(out_device, non_blocking=True))
     return out
@@ -115,38 +124,84 @@ def _local_norms(tensors: Sequence[Tensor], p: float, out_device: torch.device) 
 _STACK_NUMEL = 16384
 
 
-def _foreach_norm_fp32(tensors: list[Tensor], p: float) -> Tensor:
-    if len(tensors) > 2 and tensors[0].device.type == "cpu":
-        norms = _stacked_norms(tensors, p)
-        if norms is not None:
-            return norms
+def _foreach_norm_fp32(tensors: list[Tensor], p: float, prepare: Optional[Prepare] = None) -> Tensor:
+    if tensors[0].device.type == "cpu":
+        if len(tensors) > 2:
+            norms = _stacked_norms(tensors, p, prepare)
+            if norms is not None:
+                return norms
+        if prepare is not None:
+            return _interleaved_norms(tensors, p, prepare)
+    elif prepare is not None:  # on an accelerator the foreach kernels are fused: the whole group at once
+        prepare(tensors)
     return _plain_foreach_norm(tensors, p)
 
 
-def _stacked_norms(tensors: list[Tensor], p: float) -> Optional[Tensor]:
-    """Norms of one CPU (device, dtype) group, small tensors of equal shape stacked; ``None`` if none pair up."""
+def _interleaved_norms(tensors: list[Tensor], p: float, prepare: Prepare) -> Tensor:
+    """CPU: ``prepare`` then the norm, tensor by tensor, so each norm reads what ``prepare`` just wrote from cache."""
+    dtype = None if tensors[0].dtype == torch.float64 else _NORM_DTYPE
+    norms = []
+    for t in tensors:
+        prepare([t])
+        norms.append(torch.linalg.vector_norm(t, p, dtype=dtype))
+    return torch.stack(norms).to(_NORM_DTYPE)
+
+
+class _StackPlan(NamedTuple):
+    """Which tensors of a CPU group are stacked (small ones of equal shape) and which are reduced one by one."""
+
+    stacks: list[list[int]]
+    rest: list[int]
+    order: Optional[Tensor]
+    """where each tensor's norm sits among the stacks' and the rest's, or ``None``: one stack of every tensor, in order"""
+
+
+_STACK_CACHE: dict[tuple, Optional[_StackPlan]] = {}
+
+
+def _stack_plan(shapes: tuple[torch.Size, ...]) -> Optional[_StackPlan]:
+    """The stacking of tensors of these shapes (``None``: no two pair up); cached, as shapes do not change between
+    steps and grouping them in Python every step would cost more than the stacking saves."""
+    if shapes in _STACK_CACHE:
+        return _STACK_CACHE[shapes]
+    if len(_STACK_CACHE) > 64:
+        _STACK_CACHE.clear()
     by_shape: dict[torch.Size, list[int]] = defaultdict(list)
-    for i, t in enumerate(tensors):
-        if 0 < t.numel() <= _STACK_NUMEL:
-            by_shape[t.shape].append(i)
+    for i, shape in enumerate(shapes):
+        if 0 < math.prod(shape) <= _STACK_NUMEL:
+            by_shape[shape].append(i)
     stacks = [idx for idx in by_shape.values() if len(idx) > 1]
-    if not stacks:
+    plan = None
+    if stacks:
+        stacked = {i for idx in stacks for i in idx}
+        rest = [i for i in range(len(shapes)) if i not in stacked]
+        order = [i for idx in stacks for i in idx] + rest
+        position = [0] * len(order)
+        for where, i in enumerate(order):
+            position[i] = where
+        in_order = len(stacks) == 1 and not rest and order == sorted(order)
+        plan = _StackPlan(stacks, rest, None if in_order else torch.tensor(position, dtype=torch.long))
+    _STACK_CACHE[shapes] = plan
+    return plan
+
+
+def _stacked_norms(tensors: list[Tensor], p: float, prepare: Optional[Prepare] = None) -> Optional[Tensor]:
+    """Norms of one CPU (device, dtype) group, small tensors of equal shape stacked; ``None`` if none pair up."""
+    plan = _stack_plan(tuple([t.shape for t in tensors]))
+    if plan is None:
         return None
     dtype = None if tensors[0].dtype == torch.float64 else _NORM_DTYPE  # float64 keeps its precision through the norm
-    parts, order = [], []
-    for idx in stacks:
-        rows = torch.stack([tensors[i] for i in idx]).view(len(idx), -1)
-        parts.append(torch.linalg.vector_norm(rows, p, dim=1, dtype=dtype).to(_NORM_DTYPE))
-        order += idx
-    if len(parts) == 1 and len(order) == len(tensors):  # one stack of every tensor, in order: nothing to place
-        return parts[0]
-    stacked = set(order)
-    rest = [i for i in range(len(tensors)) if i not in stacked]
-    if rest:
-        parts.append(_plain_foreach_norm([tensors[i] for i in rest], p))
-        order += rest
-    out = torch.empty(len(tensors), dtype=_NORM_DTYPE)
-    return out.index_copy_(0, _index_on(order, out.device), torch.cat(parts))
+    parts = []
+    for idx in plan.stacks:
+        members = [tensors[i] for i in idx]
+        if prepare is not None:
+            prepare(members)
+        parts.append(torch.linalg.vector_norm(torch.stack(members).view(len(idx), -1), p, dim=1, dtype=dtype))
+    if plan.rest:
+        rest = [tensors[i] for i in plan.rest]
+        parts.append(_plain_foreach_norm(rest, p) if prepare is None else _interleaved_norms(rest, p, prepare))
+    norms = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(_NORM_DTYPE)
+    return norms if plan.order is None else norms.index_select(0, plan.order)
 
 
 def _plain_foreach_norm(tensors: list[Tensor], p: float) -> Tensor:
@@ -203,9 +258,16 @@ def local_shards(tensors: Sequence[Tensor]) -> list[Tensor]:
     return [t.to_local() if isinstance(t, DTensor) else t for t in tensors]
 
 
-def _norms_of(items: Sequence[Tensor], local: Sequence[Tensor], p: float, device: Optional[torch.device]) -> tuple:
-    """:func:`grad_norms` of ``items`` whose local shards ``local`` are already at hand."""
-    norms = _local_norms(local, p, device if device is not None else local[0].device)
+def _norms_of(
+    items: Sequence[Tensor],
+    local: Sequence[Tensor],
+    p: float,
+    device: Optional[torch.device],
+    prepare: Optional[Prepare] = None,
+) -> tuple:
+    """:func:`grad_norms` of ``items`` whose local shards ``local`` are already at hand (after ``prepare``, an
+    in-place operation on them: see :func:`_local_norms`)."""
+    norms = _local_norms(local, p, device if device is not None else local[0].device, prepare)
     if any(a is not b for a, b in zip(local, items)):  # some DTensor: its local norm is partial
         norms = _reduce_sharded(items, norms, p)
     return norms, _norm_of_norms(norms, p)
@@ -264,35 +326,63 @@ class UnitNorms(NamedTuple):
     """units per tensor"""
 
 
-_LAYOUT_CACHE: dict[tuple, tuple[Segments, Optional[Tensor]]] = {}
+class _UnitPlan(NamedTuple):
+    """How one step's unit norms are computed for tensors of given local shapes on a device (cached: a model's shapes
+    do not change between steps)."""
+
+    rows: list[tuple[int, tuple[int, ...]]]
+    """per tensor with rows: its index and the dimensions its rows reduce over, in the order of the unit buffer"""
+    spans: list[int]
+    """lengths of the buffer's spans: each tensor with rows, then all whole tensors (if any) together"""
+    whole: list[int]
+    """tensors that are one unit each, computed together after the rows, into the end of the buffer"""
+    size: int
+    """units in all"""
+    counts: list[int]
+    """units per tensor, in input order"""
+    has_rows: list[bool]
+    segments: Segments
+    """each tensor's units as a segment of the unit vector (input order)"""
+    position: Optional[Tensor]
+    """where each unit (input order) sits in the buffer, or ``None`` when that is already the input order"""
 
 
-def _unit_layout(
-    counts: tuple[int, ...], has_rows: tuple[bool, ...], device: torch.device
-) -> tuple[Segments, Optional[Tensor]]:
-    """Each tensor's units as a segment of the unit vector; and where each unit sits in the order the norms are
-    computed in (row tensors first, then the whole tensors), or ``None`` when that is already the input order.
-    Cached: a model's layout does not change between steps."""
-    key = (counts, has_rows, device)
-    cached = _LAYOUT_CACHE.get(key)
-    if cached is None:
-        if len(_LAYOUT_CACHE) > 64:
-            _LAYOUT_CACHE.clear()
+_PLAN_CACHE: dict[tuple, _UnitPlan] = {}
+
+
+def _unit_plan(shapes: tuple[torch.Size, ...], device: torch.device) -> _UnitPlan:
+    key = (shapes, device)
+    plan = _PLAN_CACHE.get(key)
+    if plan is None:
+        if len(_PLAN_CACHE) > 64:
+            _PLAN_CACHE.clear()
         # built from Python ints (no device value is read), then copied to the device once
+        counts = [s[0] if len(s) > 1 else 1 for s in shapes]
+        has_rows = [len(s) > 1 for s in shapes]
         starts = [0, *itertools.accumulate(counts)][:-1]
-        computed = [i for i, rows in enumerate(has_rows) if rows] + [i for i, rows in enumerate(has_rows) if not rows]
-        position = [0] * sum(counts)
-        offset = 0
-        for i in computed:
-            position[starts[i] : starts[i] + counts[i]] = range(offset, offset + counts[i])
-            offset += counts[i]
+        rows, whole, position, offset = [], [], [0] * sum(counts), 0
+        for i, shape in enumerate(shapes):
+            if has_rows[i]:
+                rows.append((i, tuple(range(1, len(shape)))))
+                position[starts[i] : starts[i] + counts[i]] = range(offset, offset + counts[i])
+                offset += counts[i]
+        for i in range(len(shapes)):
+            if not has_rows[i]:
+                whole.append(i)
+                position[starts[i]] = offset
+                offset += 1
         identity = position == list(range(len(position)))
-        cached = (
+        plan = _PLAN_CACHE[key] = _UnitPlan(
+            rows,
+            [counts[i] for i, _ in rows] + ([len(whole)] if whole else []),
+            whole,
+            offset,
+            counts,
+            has_rows,
             Segments(counts, device),
             None if identity else device_tensor(position, dtype=torch.long, device=device),
         )
-        _LAYOUT_CACHE[key] = cached
-    return cached
+    return plan
 
 
 class Segments:
@@ -403,22 +493,21 @@ def _units(
 ) -> tuple[Tensor, list[int], list[bool], Segments]:
     """Unit norms in input order (whole-tensor units reduced over shards), units per tensor, which tensors have
     rows, and each tensor's units as a segment."""
-    counts = [t.shape[0] if t.ndim > 1 else 1 for t in local]
-    has_rows = [t.ndim > 1 for t in local]
-    # rows: one reduction over the trailing dimensions per tensor; whole tensors: one foreach call for all of them
-    parts = [
-        torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim)), dtype=_NORM_DTYPE).to(out_device, non_blocking=True)
-        for t in local
-        if t.ndim > 1
-    ]
-    whole = [i for i, rows in enumerate(has_rows) if not rows]
-    if whole:
+    plan = _unit_plan(tuple([t.shape for t in local]), out_device)
+    # rows: one reduction over the trailing dimensions per tensor, written straight into its span of one buffer (no
+    # concatenation); whole tensors: one foreach call for all of them, into the end of the buffer
+    out = torch.empty(plan.size, dtype=_NORM_DTYPE, device=out_device)
+    spans = out.split(plan.spans)  # one call for every tensor's span (slicing them one by one costs more)
+    for (i, dims), span in zip(plan.rows, spans):
+        try:
+            torch.linalg.vector_norm(local[i], dim=dims, dtype=_NORM_DTYPE, out=span)
+        except RuntimeError:  # on another device, or float64 (reduced in its own precision, reported in float32)
+            span.copy_(torch.linalg.vector_norm(local[i], dim=dims), non_blocking=True)
+    if plan.whole:
+        whole = plan.whole
         norms = _local_norms([local[i] for i in whole], 2.0, out_device)
         if any(local[i] is not items[i] for i in whole):  # a whole sharded tensor is one unit: its full norm
             norms = _reduce_sharded([items[i] for i in whole], norms, 2.0)
-        parts.append(norms)
-    segments, position = _unit_layout(tuple(counts), tuple(has_rows), out_device)
-    units = torch.cat(parts) if len(parts) > 1 else parts[0]
-    if position is not None:  # back to input order
-        units = units.index_select(0, position)
-    return units, counts, has_rows, segments
+        spans[-1].copy_(norms)
+    units = out if plan.position is None else out.index_select(0, plan.position)  # back to input order
+    return units, plan.counts, plan.has_rows, plan.segments
