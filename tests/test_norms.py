@@ -191,3 +191,20 @@ def test_stacked_small_tensors_give_each_tensors_own_norm(shapes, norm_type):
     expected = torch.stack([torch.linalg.vector_norm(t, norm_type) for t in tensors])
     torch.testing.assert_close(per_tensor, expected)
     torch.testing.assert_close(total, torch.linalg.vector_norm(expected, norm_type))
+
+
+def test_reused_unit_buffer_gives_fresh_results_in_input_order():
+    """The per-step path writes unit norms into a buffer it reuses (spans made once, whole tensors placed by index):
+    each call gives what a fresh :func:`unit_norms` gives, for new values and for a new set of shapes."""
+    from lightning_gradguard.functional.norms import _unit_norms_of
+
+    buffers: dict = {}
+    for seed, dtypes in [(0, [torch.float32]), (1, [torch.float32]), (2, [torch.float32, torch.float64])]:
+        tensors = _mixed_tensors(dtypes, seed=seed)
+        if seed == 2:
+            tensors = tensors[3:]  # other shapes: another buffer
+        reused = _unit_norms_of(tensors, tensors, None, buffers)
+        fresh = unit_norms(tensors)
+        assert torch.equal(reused.units, fresh.units)
+        assert torch.equal(reused.per_tensor, fresh.per_tensor) and torch.equal(reused.total, fresh.total)
+    assert len(buffers) == 2

@@ -86,7 +86,8 @@ class GradStep:
         self._multi_optimizer = multi_optimizer
         self.unit_norms: Optional[Tensor] = None
         if with_unit_norms and self.grads:  # a stage needs row norms (AGC): they give the tensors' norms in one pass
-            units = _unit_norms_of(self.grads, self.local_grads, None)
+            # into the runtime's reusable buffer: the units are only used within this step
+            units = _unit_norms_of(self.grads, self.local_grads, None, runtime.unit_buffers)
             self.unit_norms, self.per_tensor_norms, self.total_norm = units.units, units.per_tensor, units.total
         else:
             self.per_tensor_norms, self.total_norm = (
@@ -169,6 +170,7 @@ class Runtime:
         self._steps_since_flush = 0
         self._layout_written = False
         self.current: Optional[GradStep] = None
+        self.unit_buffers: dict = {}  # reusable buffers for the row norms of each step (see `functional.norms`)
 
     # set-up -------------------------------------------------------------------------------------------------
     def setup(self, trainer: pl.Trainer, callbacks: list[GradGuardCallback]) -> None:

@@ -53,6 +53,7 @@ from lightning_gradguard.functional.norms import (
     _index_on,
     _norms_of,
     _reduce_sharded,
+    _units,
     grad_norms,
     local_shards,
     unit_norms,
@@ -493,6 +494,7 @@ class _AgcRule(_Rule):
         self._layout_key: Optional[tuple] = None
         self._layout: Optional[_AgcLayout] = None
         self._one = _Constant(1.0)
+        self._weight_buffers: dict = {}
 
     def _layout_of(self, step: _Step) -> _AgcLayout:
         key = (tuple(step.names), tuple([g.shape for g in step.local_grads]), step.total.device)
@@ -527,7 +529,8 @@ class _AgcRule(_Rule):
         # rows: FSDP2 shards on dim 0, so every rank holds whole rows and their norms are local; a bias is one
         # unit, its full-tensor norm (reduced over shards)
         with torch.no_grad():  # cheaper than a detached view per parameter
-            weight_norms = unit_values(step.params, device=step.total.device)
+            # into this rule's reusable buffer: the weight norms are only used within this step
+            weight_norms = _units(step.params, local_shards(step.params), step.total.device, self._weight_buffers)[0]
         grad_units = step.units if step.units is not None else unit_values(step.grads, device=step.total.device)
         max_norm = _agc_limits(weight_norms, self.clip_factor, self.eps)  # also the threshold's limits below
         coef = _agc_coef(grad_units, max_norm)

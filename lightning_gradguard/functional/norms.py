@@ -468,9 +468,14 @@ def unit_norms(tensors: Sequence[Tensor], *, device: Optional[torch.device] = No
     return _unit_norms_of(items, local_shards(items), device)
 
 
-def _unit_norms_of(items: Sequence[Tensor], local: Sequence[Tensor], device: Optional[torch.device]) -> UnitNorms:
-    """:func:`unit_norms` of ``items`` whose local shards ``local`` are already at hand."""
-    units, counts, has_rows, segments = _units(items, local, device if device is not None else local[0].device)
+def _unit_norms_of(
+    items: Sequence[Tensor],
+    local: Sequence[Tensor],
+    device: Optional[torch.device],
+    buffers: Optional[dict[tuple, _UnitBuffer]] = None,
+) -> UnitNorms:
+    """:func:`unit_norms` of ``items`` whose local shards ``local`` are already at hand (``buffers``: see `_units`)."""
+    units, counts, has_rows, segments = _units(items, local, device if device is not None else local[0].device, buffers)
     per_tensor = segments.sum(units.square()).sqrt()
     if any(a is not b and rows for a, b, rows in zip(local, items, has_rows)):
         # the rows of a sharded tensor are local to its shard: its norm adds up over the shards (the units that are
@@ -488,16 +493,41 @@ def unit_values(tensors: Sequence[Tensor], *, device: Optional[torch.device] = N
     return _units(items, local, device if device is not None else local[0].device)[0]
 
 
+class _UnitBuffer:
+    """A float32 buffer for the unit norms of one plan, in input order, reused step after step, every tensor's span
+    made once. For the per-step path, whose units are used within the step and overwritten by the next one (the
+    public functions return fresh tensors)."""
+
+    def __init__(self, plan: _UnitPlan, device: torch.device) -> None:
+        self.tensor = torch.empty(plan.size, dtype=_NORM_DTYPE, device=device)
+        starts = [0, *itertools.accumulate(plan.counts)][:-1]
+        self.spans = [self.tensor[starts[i] : starts[i] + plan.counts[i]] for i, _ in plan.rows]
+        self.whole = device_tensor([starts[i] for i in plan.whole], dtype=torch.long, device=device)
+
+
 def _units(
-    items: Sequence[Tensor], local: Sequence[Tensor], out_device: torch.device
+    items: Sequence[Tensor],
+    local: Sequence[Tensor],
+    out_device: torch.device,
+    buffers: Optional[dict[tuple, _UnitBuffer]] = None,
 ) -> tuple[Tensor, list[int], list[bool], Segments]:
     """Unit norms in input order (whole-tensor units reduced over shards), units per tensor, which tensors have
-    rows, and each tensor's units as a segment."""
-    plan = _unit_plan(tuple([t.shape for t in local]), out_device)
+    rows, and each tensor's units as a segment. ``buffers``: the caller's reusable buffers (see `_UnitBuffer`)."""
+    shapes = tuple([t.shape for t in local])
+    plan = _unit_plan(shapes, out_device)
     # rows: one reduction over the trailing dimensions per tensor, written straight into its span of one buffer (no
-    # concatenation); whole tensors: one foreach call for all of them, into the end of the buffer
-    out = torch.empty(plan.size, dtype=_NORM_DTYPE, device=out_device)
-    spans = out.split(plan.spans)  # one call for every tensor's span (slicing them one by one costs more)
+    # concatenation); whole tensors: one foreach call for all of them
+    buffer = None
+    if buffers is not None:
+        buffer = buffers.get((shapes, out_device))
+        if buffer is None:
+            if len(buffers) > 8:
+                buffers.clear()
+            buffer = buffers[(shapes, out_device)] = _UnitBuffer(plan, out_device)
+        out, spans = buffer.tensor, buffer.spans
+    else:  # in the order computed (rows first, whole tensors at the end); one call makes every span
+        out = torch.empty(plan.size, dtype=_NORM_DTYPE, device=out_device)
+        spans = out.split(plan.spans)
     for (i, dims), span in zip(plan.rows, spans):
         try:
             torch.linalg.vector_norm(local[i], dim=dims, dtype=_NORM_DTYPE, out=span)
@@ -508,6 +538,9 @@ def _units(
         norms = _local_norms([local[i] for i in whole], 2.0, out_device)
         if any(local[i] is not items[i] for i in whole):  # a whole sharded tensor is one unit: its full norm
             norms = _reduce_sharded([items[i] for i in whole], norms, 2.0)
-        spans[-1].copy_(norms)
-    units = out if plan.position is None else out.index_select(0, plan.position)  # back to input order
+        if buffer is not None:
+            out.index_copy_(0, buffer.whole, norms)
+        else:
+            spans[-1].copy_(norms)
+    units = out if buffer is not None or plan.position is None else out.index_select(0, plan.position)
     return units, plan.counts, plan.has_rows, plan.segments
