@@ -560,11 +560,11 @@ def _equal(a: Any, b: Any) -> bool:
 @pytest.mark.parametrize("nonfinite", [None, math.inf, math.nan])
 def test_value_clipping_of_mixed_tensors_matches_torch(nonfinite):
     """``"value"`` clamps each tensor and takes the clipped norm in one pass over it (small tensors of one shape
-    stacked, larger ones one by one, float64 and bfloat16 in their own groups): the gradients equal
+    stacked, larger ones one by one, the largest by rows, float64 and bfloat16 in their own groups): the gradients equal
     ``clip_grad_value_``'s and the clipped norm is theirs. A step with a non-finite gradient is left untouched."""
     gen = torch.Generator().manual_seed(0)
-    shapes = [(7,)] * 4 + [(300, 40), (3, 5), (64,), (2, 3, 4)]
-    dtypes = [torch.float32] * 6 + [torch.float64, torch.bfloat16]
+    shapes = [(7,)] * 4 + [(300, 40), (3, 5), (64,), (2, 3, 4), (520, 512)]  # the last: reduced by rows
+    dtypes = [torch.float32] * 6 + [torch.float64, torch.bfloat16, torch.float32]
     params = [
         nn.Parameter((torch.randn(s, generator=gen) * 0.1 * (i + 1)).to(d)) for i, (s, d) in enumerate(zip(shapes, dtypes))
     ]
