@@ -214,3 +214,15 @@ def test_reused_unit_buffer_gives_fresh_results_in_input_order():
         assert torch.equal(reused.units, fresh.units)
         assert torch.equal(reused.per_tensor, fresh.per_tensor) and torch.equal(reused.total, fresh.total)
     assert len(buffers) == 2
+
+
+def test_unit_values_keep_autograd_history_of_parameters():
+    """Outside ``no_grad`` the unit norms of parameters that require grad are differentiable (the per-step path
+    writes into its buffer with ``out=`` only where no history is recorded)."""
+    weight = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 2.0]]))
+    bias = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
+    units = unit_values([weight, bias])
+    assert torch.allclose(units, torch.tensor([5.0, 2.0, math.sqrt(2.0)]))
+    units.sum().backward()
+    assert torch.allclose(weight.grad, torch.tensor([[0.6, 0.8], [0.0, 1.0]]))
+    assert torch.allclose(bias.grad, torch.full((2,), 1 / math.sqrt(2.0)))

@@ -504,6 +504,13 @@ def unit_values(tensors: Sequence[Tensor], *, device: Optional[torch.device] = N
     return _units(items, local, device if device is not None else local[0].device)[0]
 
 
+def _row_norms(t: Tensor, dims: tuple[int, ...]) -> Tensor:
+    """Float32 L2 norms of the rows of ``t`` (float64 reduced in its own precision first)."""
+    if t.dtype == torch.float64:
+        return torch.linalg.vector_norm(t, dim=dims).to(_NORM_DTYPE)
+    return torch.linalg.vector_norm(t, dim=dims, dtype=_NORM_DTYPE)
+
+
 class _UnitBuffer:
     """A float32 buffer for the unit norms of one plan, in input order, reused step after step, every tensor's span
     made once. For the per-step path, whose units are used within the step and overwritten by the next one (the
@@ -526,8 +533,18 @@ def _units(
     rows, and each tensor's units as a segment. ``buffers``: the caller's reusable buffers (see `_UnitBuffer`)."""
     shapes = tuple([t.shape for t in local])
     plan = _unit_plan(shapes, out_device)
-    # rows: one reduction over the trailing dimensions per tensor, written straight into its span of one buffer (no
-    # concatenation); whole tensors: one foreach call for all of them
+    whole = None
+    if plan.whole:  # tensors that are one unit each: one foreach call for all of them
+        whole = _local_norms([local[i] for i in plan.whole], 2.0, out_device)
+        if any(local[i] is not items[i] for i in plan.whole):  # a whole sharded tensor is one unit: its full norm
+            whole = _reduce_sharded([items[i] for i in plan.whole], whole, 2.0)
+    if torch.is_grad_enabled() and any(t.requires_grad for t in local):
+        # differentiable (e.g. parameters outside no_grad): `out=` records no autograd history, so concatenate
+        parts = [_row_norms(local[i], dims).to(out_device) for i, dims in plan.rows]
+        units = torch.cat(parts + ([whole] if whole is not None else []))
+        units = units if plan.position is None else units.index_select(0, plan.position)
+        return units, plan.counts, plan.has_rows, plan.segments
+    # rows: one reduction over the trailing dimensions per tensor, written straight into its span of one buffer
     buffer = None
     if buffers is not None:
         buffer = buffers.get((shapes, out_device))
@@ -542,16 +559,12 @@ def _units(
     for (i, dims), span in zip(plan.rows, spans):
         try:
             torch.linalg.vector_norm(local[i], dim=dims, dtype=_NORM_DTYPE, out=span)
-        except RuntimeError:  # on another device, or float64 (reduced in its own precision, reported in float32)
-            span.copy_(torch.linalg.vector_norm(local[i], dim=dims), non_blocking=True)
-    if plan.whole:
-        whole = plan.whole
-        norms = _local_norms([local[i] for i in whole], 2.0, out_device)
-        if any(local[i] is not items[i] for i in whole):  # a whole sharded tensor is one unit: its full norm
-            norms = _reduce_sharded([items[i] for i in whole], norms, 2.0)
+        except RuntimeError:  # on another device, or float64 (reduced in its own precision, then float32)
+            span.copy_(_row_norms(local[i], dims), non_blocking=True)
+    if whole is not None:
         if buffer is not None:
-            out.index_copy_(0, buffer.whole, norms)
+            out.index_copy_(0, buffer.whole, whole)
         else:
-            spans[-1].copy_(norms)
+            spans[-1].copy_(whole)
     units = out if buffer is not None or plan.position is None else out.index_select(0, plan.position)
     return units, plan.counts, plan.has_rows, plan.segments
