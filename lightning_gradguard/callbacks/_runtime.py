@@ -85,14 +85,15 @@ class GradStep:
         self.local_grads: list[Tensor] = local_shards(self.grads)
         self._multi_optimizer = multi_optimizer
         self.unit_norms: Optional[Tensor] = None
-        if with_unit_norms and self.grads:  # a stage needs row norms (AGC): they give the tensors' norms in one pass
-            # into the runtime's reusable buffer: the units are only used within this step
-            units = _unit_norms_of(self.grads, self.local_grads, None, runtime.unit_buffers)
-            self.unit_norms, self.per_tensor_norms, self.total_norm = units.units, units.per_tensor, units.total
-        else:
-            self.per_tensor_norms, self.total_norm = (
-                _norms_of(self.grads, self.local_grads, 2.0, None) if self.grads else grad_norms([])
-            )
+        with torch.no_grad():  # statistics of the gradients, never part of a graph (even after create_graph=True)
+            if with_unit_norms and self.grads:  # a stage needs row norms (AGC): the tensors' norms in the same pass
+                # into the runtime's reusable buffer: the units are only used within this step
+                units = _unit_norms_of(self.grads, self.local_grads, None, runtime.unit_buffers)
+                self.unit_norms, self.per_tensor_norms, self.total_norm = units.units, units.per_tensor, units.total
+            else:
+                self.per_tensor_norms, self.total_norm = (
+                    _norms_of(self.grads, self.local_grads, 2.0, None) if self.grads else grad_norms([])
+                )
         # a norm is >= 0 or NaN: below inf exactly when finite (one comparison, where isfinite takes several)
         self.finite: Tensor = self.total_norm < math.inf
         self._nonfinite: Optional[Tensor] = None
