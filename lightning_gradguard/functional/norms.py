@@ -183,10 +183,14 @@ def _cpu_plan(shapes: tuple[torch.Size, ...]) -> _CpuPlan:
     return plan
 
 
-def _cpu_norms(tensors: list[Tensor], p: float, prepare: Optional[Prepare] = None) -> Tensor:
-    """Norms of one CPU (device, dtype) group (see `_CpuPlan`). With ``prepare``, each tensor not in a stack gets it
-    right before its own norm, so the norm reads what ``prepare`` just wrote from cache."""
-    plan = _cpu_plan(tuple([t.shape for t in tensors]))
+def _cpu_norms(
+    tensors: list[Tensor], p: float, prepare: Optional[Prepare] = None, plan: Optional[_CpuPlan] = None
+) -> Tensor:
+    """Norms of one CPU (device, dtype) group (see `_CpuPlan`; ``plan``: when the caller has it for these shapes).
+    With ``prepare``, each tensor not in a stack gets it right before its own norm, so the norm reads what
+    ``prepare`` just wrote from cache."""
+    if plan is None:
+        plan = _cpu_plan(tuple([t.shape for t in tensors]))
     dtype = None if tensors[0].dtype == torch.float64 else _NORM_DTYPE  # float64 keeps its precision through the norm
     parts = []
     for idx in plan.stacks:
@@ -356,6 +360,8 @@ class _UnitPlan(NamedTuple):
     """each tensor's units as a segment of the unit vector (input order)"""
     position: Optional[Tensor]
     """where each unit (input order) sits in the buffer, or ``None`` when that is already the input order"""
+    whole_plan: Optional[_CpuPlan]
+    """on the CPU, the `_CpuPlan` of the whole tensors (made with the plan, not looked up every step)"""
 
 
 _PLAN_CACHE: dict[tuple, _UnitPlan] = {}
@@ -392,6 +398,7 @@ def _unit_plan(shapes: tuple[torch.Size, ...], device: torch.device) -> _UnitPla
             has_rows,
             Segments(counts, device),
             None if identity else device_tensor(position, dtype=torch.long, device=device),
+            _cpu_plan(tuple(shapes[i] for i in whole)) if whole and torch.device(device).type == "cpu" else None,
         )
     return plan
 
@@ -504,6 +511,19 @@ def unit_values(tensors: Sequence[Tensor], *, device: Optional[torch.device] = N
     return _units(items, local, device if device is not None else local[0].device)[0]
 
 
+def _whole_norms(tensors: list[Tensor], plan: _UnitPlan, out_device: torch.device) -> Tensor:
+    """L2 norms of the whole tensors of a unit plan. On the CPU straight through the plan's `_CpuPlan`: grouping by
+    dtype and looking the plan up again took about as long as the stacked reduction itself on a cold cache (biases
+    and norm weights are many small objects). A mix the direct path cannot take (a float64 tensor behind float32
+    ones, a tensor on another device) raises there and goes through the grouped path."""
+    if plan.whole_plan is not None and tensors[0].device == out_device:
+        try:
+            return _cpu_norms(tensors, 2.0, plan=plan.whole_plan)
+        except (RuntimeError, TypeError):
+            pass
+    return _local_norms(tensors, 2.0, out_device)
+
+
 def _row_norms(t: Tensor, dims: tuple[int, ...]) -> Tensor:
     """Float32 L2 norms of the rows of ``t`` (float64 reduced in its own precision first)."""
     if t.dtype == torch.float64:
@@ -534,8 +554,8 @@ def _units(
     shapes = tuple([t.shape for t in local])
     plan = _unit_plan(shapes, out_device)
     whole = None
-    if plan.whole:  # tensors that are one unit each: one foreach call for all of them
-        whole = _local_norms([local[i] for i in plan.whole], 2.0, out_device)
+    if plan.whole:  # tensors that are one unit each: reduced together
+        whole = _whole_norms([local[i] for i in plan.whole], plan, out_device)
         if any(local[i] is not items[i] for i in plan.whole):  # a whole sharded tensor is one unit: its full norm
             whole = _reduce_sharded([items[i] for i in plan.whole], whole, 2.0)
     if torch.is_grad_enabled() and any(t.requires_grad for t in local):
