@@ -226,3 +226,24 @@ def test_unit_values_keep_autograd_history_of_parameters():
     units.sum().backward()
     assert torch.allclose(weight.grad, torch.tensor([[0.6, 0.8], [0.0, 1.0]]))
     assert torch.allclose(bias.grad, torch.full((2,), 1 / math.sqrt(2.0)))
+
+
+@pytest.mark.parametrize("first", [torch.float32, torch.float64, torch.bfloat16])
+def test_unit_norms_of_whole_tensors_of_mixed_dtypes(first):
+    """Whole tensors (biases) of one shape but different dtypes: the direct stacked path either handles the mix or
+    falls back to grouping by dtype; either way each tensor gets its own exact norm."""
+    from lightning_gradguard.functional.norms import _unit_norms_of
+
+    gen = torch.Generator().manual_seed(0)
+    others = [d for d in (torch.float32, torch.float64, torch.bfloat16) if d != first]
+    tensors = [(torch.randn(5, generator=gen) * (i + 1)).to(d) for i, d in enumerate([first, *others, first])]
+    tensors.insert(1, torch.randn(3, 4, generator=gen))
+    expected = torch.cat(
+        [
+            torch.linalg.vector_norm(t.double(), dim=1).float() if t.ndim > 1
+            else torch.linalg.vector_norm(t.double()).float().reshape(1)
+            for t in tensors
+        ]
+    )
+    for result in (unit_norms(tensors), _unit_norms_of(tensors, tensors, None, {})):
+        torch.testing.assert_close(result.units, expected, rtol=1e-6, atol=0)
