@@ -215,7 +215,7 @@ def _cpu_norms(
                 prepare([tensors[i]])
             norms.append(torch.linalg.vector_norm(torch.linalg.vector_norm(tensors[i], p, dim=dims, dtype=dtype), p))
         parts.append(torch.stack(norms))
-    norms = (torch.cat([part.to(_NORM_DTYPE) for part in parts]) if len(parts) > 1 else parts[0]).to(_NORM_DTYPE)
+    norms = (torch.cat(parts) if len(parts) > 1 else parts[0]).to(_NORM_DTYPE)
     return norms if plan.order is None else norms.index_select(0, plan.order)
 
 
@@ -343,23 +343,21 @@ class UnitNorms(NamedTuple):
 
 class _UnitPlan(NamedTuple):
     """How one step's unit norms are computed for tensors of given local shapes on a device (cached: a model's shapes
-    do not change between steps)."""
+    do not change between steps). Units are laid out in input order: each tensor's units in one span."""
 
     rows: list[tuple[int, tuple[int, ...]]]
-    """per tensor with rows: its index and the dimensions its rows reduce over, in the order of the unit buffer"""
-    spans: list[int]
-    """lengths of the buffer's spans: each tensor with rows, then all whole tensors (if any) together"""
+    """per tensor with rows: its index and the dimensions its rows reduce over"""
     whole: list[int]
-    """tensors that are one unit each, computed together after the rows, into the end of the buffer"""
+    """tensors that are one unit each, reduced together"""
+    whole_index: Optional[Tensor]
+    """where the units of the whole tensors sit (a device index), or ``None`` when there are none"""
     size: int
     """units in all"""
     counts: list[int]
     """units per tensor, in input order"""
     has_rows: list[bool]
     segments: Segments
-    """each tensor's units as a segment of the unit vector (input order)"""
-    position: Optional[Tensor]
-    """where each unit (input order) sits in the buffer, or ``None`` when that is already the input order"""
+    """each tensor's units as a segment of the unit vector"""
     whole_plan: Optional[_CpuPlan]
     """on the CPU, the `_CpuPlan` of the whole tensors (made with the plan, not looked up every step)"""
 
@@ -377,27 +375,16 @@ def _unit_plan(shapes: tuple[torch.Size, ...], device: torch.device) -> _UnitPla
         counts = [s[0] if len(s) > 1 else 1 for s in shapes]
         has_rows = [len(s) > 1 for s in shapes]
         starts = [0, *itertools.accumulate(counts)][:-1]
-        rows, whole, position, offset = [], [], [0] * sum(counts), 0
-        for i, shape in enumerate(shapes):
-            if has_rows[i]:
-                rows.append((i, tuple(range(1, len(shape)))))
-                position[starts[i] : starts[i] + counts[i]] = range(offset, offset + counts[i])
-                offset += counts[i]
-        for i in range(len(shapes)):
-            if not has_rows[i]:
-                whole.append(i)
-                position[starts[i]] = offset
-                offset += 1
-        identity = position == list(range(len(position)))
+        rows = [(i, tuple(range(1, len(s)))) for i, s in enumerate(shapes) if has_rows[i]]
+        whole = [i for i in range(len(shapes)) if not has_rows[i]]
         plan = _PLAN_CACHE[key] = _UnitPlan(
             rows,
-            [counts[i] for i, _ in rows] + ([len(whole)] if whole else []),
             whole,
-            offset,
+            device_tensor([starts[i] for i in whole], dtype=torch.long, device=device) if whole else None,
+            sum(counts),
             counts,
             has_rows,
             Segments(counts, device),
-            None if identity else device_tensor(position, dtype=torch.long, device=device),
             _cpu_plan(tuple(shapes[i] for i in whole)) if whole and torch.device(device).type == "cpu" else None,
         )
     return plan
@@ -532,15 +519,14 @@ def _row_norms(t: Tensor, dims: tuple[int, ...]) -> Tensor:
 
 
 class _UnitBuffer:
-    """A float32 buffer for the unit norms of one plan, in input order, reused step after step, every tensor's span
+    """A float32 buffer for the unit norms of one plan, reused step after step, the span of every tensor with rows
     made once. For the per-step path, whose units are used within the step and overwritten by the next one (the
     public functions return fresh tensors)."""
 
     def __init__(self, plan: _UnitPlan, device: torch.device) -> None:
         self.tensor = torch.empty(plan.size, dtype=_NORM_DTYPE, device=device)
-        starts = [0, *itertools.accumulate(plan.counts)][:-1]
-        self.spans = [self.tensor[starts[i] : starts[i] + plan.counts[i]] for i, _ in plan.rows]
-        self.whole = device_tensor([starts[i] for i in plan.whole], dtype=torch.long, device=device)
+        spans = self.tensor.split(plan.counts)
+        self.spans = [spans[i] for i, _ in plan.rows]
 
 
 def _units(
@@ -560,31 +546,34 @@ def _units(
             whole = _reduce_sharded([items[i] for i in plan.whole], whole, 2.0)
     if torch.is_grad_enabled() and any(t.requires_grad for t in local):
         # differentiable (e.g. parameters outside no_grad): `out=` records no autograd history, so concatenate
-        parts = [_row_norms(local[i], dims).to(out_device) for i, dims in plan.rows]
-        units = torch.cat(parts + ([whole] if whole is not None else []))
-        units = units if plan.position is None else units.index_select(0, plan.position)
-        return units, plan.counts, plan.has_rows, plan.segments
+        by_tensor: list[Optional[Tensor]] = [None] * len(local)
+        for i, dims in plan.rows:
+            by_tensor[i] = _row_norms(local[i], dims).to(out_device)
+        if whole is not None:
+            for i, norm in zip(plan.whole, whole.split(1)):
+                by_tensor[i] = norm
+        return torch.cat(by_tensor), plan.counts, plan.has_rows, plan.segments  # type: ignore[arg-type]
     # rows: one reduction over the trailing dimensions per tensor, written straight into its span of one buffer
-    buffer = None
     if buffers is not None:
         buffer = buffers.get((shapes, out_device))
         if buffer is None:
             if len(buffers) > 8:
                 buffers.clear()
             buffer = buffers[(shapes, out_device)] = _UnitBuffer(plan, out_device)
-        out, spans = buffer.tensor, buffer.spans
-    else:  # in the order computed (rows first, whole tensors at the end); one call makes every span
-        out = torch.empty(plan.size, dtype=_NORM_DTYPE, device=out_device)
-        spans = out.split(plan.spans)
+        units, spans = buffer.tensor, buffer.spans
+    else:
+        units = torch.empty(plan.size, dtype=_NORM_DTYPE, device=out_device)
+        pieces = units.split(plan.counts)  # one call makes every tensor's span
+        spans = [pieces[i] for i, _ in plan.rows]
     for (i, dims), span in zip(plan.rows, spans):
-        try:
-            torch.linalg.vector_norm(local[i], dim=dims, dtype=_NORM_DTYPE, out=span)
-        except RuntimeError:  # on another device, or float64 (reduced in its own precision, then float32)
-            span.copy_(_row_norms(local[i], dims), non_blocking=True)
+        t = local[i]
+        if t.dtype is not torch.float64:  # float64 is reduced in its own precision first (`_row_norms`)
+            try:
+                torch.linalg.vector_norm(t, dim=dims, dtype=_NORM_DTYPE, out=span)
+                continue
+            except RuntimeError:  # on another device than the output
+                pass
+        span.copy_(_row_norms(t, dims), non_blocking=True)
     if whole is not None:
-        if buffer is not None:
-            out.index_copy_(0, buffer.whole, whole)
-        else:
-            spans[-1].copy_(whole)
-    units = out if buffer is not None or plan.position is None else out.index_select(0, plan.position)
+        units.index_copy_(0, plan.whole_index, whole)
     return units, plan.counts, plan.has_rows, plan.segments
