@@ -229,11 +229,13 @@ def test_unit_values_keep_autograd_history_of_parameters():
 
 
 @pytest.mark.parametrize("first", [torch.float32, torch.float64, torch.bfloat16])
-def test_unit_norms_of_whole_tensors_of_mixed_dtypes(first):
+def test_unit_norms_of_whole_tensors_of_mixed_dtypes(first, monkeypatch):
     """Whole tensors (biases) of one shape but different dtypes: the direct stacked path either handles the mix or
     falls back to grouping by dtype; either way each tensor gets its own exact norm."""
-    from lightning_gradguard.functional.norms import _unit_norms_of
+    from lightning_gradguard.functional import norms
+    from lightning_gradguard.functional.norms import _unit_norms_of, _unit_plan
 
+    monkeypatch.setattr(norms, "_PLAN_CACHE", {})  # plans are cached by shape: start from none for these shapes
     gen = torch.Generator().manual_seed(0)
     others = [d for d in (torch.float32, torch.float64, torch.bfloat16) if d != first]
     tensors = [(torch.randn(5, generator=gen) * (i + 1)).to(d) for i, d in enumerate([first, *others, first])]
@@ -245,5 +247,10 @@ def test_unit_norms_of_whole_tensors_of_mixed_dtypes(first):
             for t in tensors
         ]
     )
-    for result in (unit_norms(tensors), _unit_norms_of(tensors, tensors, None, {})):
+    buffers: dict = {}
+    for result in (unit_norms(tensors), *(_unit_norms_of(tensors, tensors, None, buffers) for _ in range(3))):
         torch.testing.assert_close(result.units, expected, rtol=1e-6, atol=0)
+    # a stack led by float64 is reduced in float64; one led by a narrower dtype that holds a float64 tensor raises on
+    # the first step, and the plan remembers it: later steps go straight to the grouped path
+    plan = _unit_plan(tuple(t.shape for t in tensors), torch.device("cpu"))
+    assert plan.direct == [first == torch.float64]

@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from torch import Tensor
 
+from lightning_gradguard.functional.detection import Finiteness
 from lightning_gradguard.functional.norms import _norms_of, _unit_norms_of, grad_norms, local_shards
 from lightning_gradguard.logging.buffer import DeferredBuffer, FlushResult
 from lightning_gradguard.logging.tensorboard import (
@@ -46,7 +47,7 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return getattr(optimizer, "_optimizer", optimizer)
 
 
-class GradStep:
+class GradStep(Finiteness):
     """The gradients of one optimizer step and what the gradguard stages decided about them.
 
     Attributes:
@@ -96,19 +97,11 @@ class GradStep:
                 )
         # a norm is >= 0 or NaN: below inf exactly when finite (one comparison, where isfinite takes several)
         self.finite: Tensor = self.total_norm < math.inf
-        self._nonfinite: Optional[Tensor] = None
         self.clip_coef: Optional[Tensor] = None
         self.clip_threshold: Optional[Tensor] = None
         self.clipped_norm: Optional[Tensor] = None
         self.skipped = False
         self._norm_cache: dict[float, tuple[Tensor, Tensor]] = {2.0: (self.per_tensor_norms, self.total_norm)}
-
-    @property
-    def nonfinite(self) -> Tensor:
-        """Device bool, ``~finite`` (made when a stage first asks)."""
-        if self._nonfinite is None:
-            self._nonfinite = ~self.finite
-        return self._nonfinite
 
     def norms(self, norm_type: float = 2.0) -> tuple[Tensor, Tensor]:
         """Per-tensor and global norms of the gradients as they were when the step began (cached per ``p``)."""

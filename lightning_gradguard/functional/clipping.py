@@ -48,6 +48,7 @@ import torch
 from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
+from lightning_gradguard.functional.detection import Finiteness
 from lightning_gradguard.functional.norms import (
     Segments,
     _index_on,
@@ -272,7 +273,7 @@ class ClipResult(NamedTuple):
     """``clipped_norm / total_norm`` (1 for a zero or non-finite norm)"""
 
 
-class _Step:
+class _Step(Finiteness):
     """The gradients of one step as the rules see them."""
 
     def __init__(
@@ -294,13 +295,6 @@ class _Step:
         self.total = total
         self.units = units  # unit-wise gradient norms (see `unit_norms`) when already computed
         self.finite = torch.isfinite(total) if finite is None else finite
-        self._nonfinite: Optional[Tensor] = None
-
-    @property
-    def nonfinite(self) -> Tensor:
-        if self._nonfinite is None:
-            self._nonfinite = ~self.finite
-        return self._nonfinite
 
 
 class _Rule:

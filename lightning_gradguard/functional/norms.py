@@ -360,6 +360,9 @@ class _UnitPlan(NamedTuple):
     """each tensor's units as a segment of the unit vector"""
     whole_plan: Optional[_CpuPlan]
     """on the CPU, the `_CpuPlan` of the whole tensors (made with the plan, not looked up every step)"""
+    direct: list[bool]
+    """one flag: whether `_whole_norms` may take the whole tensors straight through ``whole_plan`` (cleared the first
+    time a dtype or device mix makes that path raise, so the mix costs one exception, not one per step)"""
 
 
 _PLAN_CACHE: dict[tuple, _UnitPlan] = {}
@@ -386,6 +389,7 @@ def _unit_plan(shapes: tuple[torch.Size, ...], device: torch.device) -> _UnitPla
             has_rows,
             Segments(counts, device),
             _cpu_plan(tuple(shapes[i] for i in whole)) if whole and torch.device(device).type == "cpu" else None,
+            [True],
         )
     return plan
 
@@ -502,12 +506,13 @@ def _whole_norms(tensors: list[Tensor], plan: _UnitPlan, out_device: torch.devic
     """L2 norms of the whole tensors of a unit plan. On the CPU straight through the plan's `_CpuPlan`: grouping by
     dtype and looking the plan up again took about as long as the stacked reduction itself on a cold cache (biases
     and norm weights are many small objects). A mix the direct path cannot take (a float64 tensor behind float32
-    ones, a tensor on another device) raises there and goes through the grouped path."""
-    if plan.whole_plan is not None and tensors[0].device == out_device:
+    ones, a tensor on another device) raises there once; from then on this plan's tensors go through the grouped
+    path (a model's dtypes and devices stay as they are between steps, and the grouped path is right for any)."""
+    if plan.direct[0] and plan.whole_plan is not None and tensors[0].device == out_device:
         try:
             return _cpu_norms(tensors, 2.0, plan=plan.whole_plan)
         except (RuntimeError, TypeError):
-            pass
+            plan.direct[0] = False
     return _local_norms(tensors, 2.0, out_device)
 
 
