@@ -39,6 +39,7 @@ What this module adds to the references:
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 from collections.abc import Iterable, Sequence
@@ -55,6 +56,8 @@ from lightning_gradguard.functional.norms import (
     _norms_of,
     _reduce_sharded,
     _units,
+    batches_by_shape,
+    batching_on,
     grad_norms,
     local_shards,
     unit_norms,
@@ -143,6 +146,41 @@ def scale_(tensors: Sequence[Tensor], coef: Union[Tensor, Sequence[Tensor]]) -> 
             torch._foreach_mul_(group, [coef[i].to(device) for i in idx])
 
 
+class UnitScaler:
+    """Scales tensors of fixed shapes in place by per-unit coefficients: ``counts[i]`` units for tensor ``i`` (its
+    rows, or 1 for the whole tensor), laid out tensor after tensor in :attr:`coef`, which the caller writes each step.
+
+    Each tensor is multiplied by its view of :attr:`coef` (made once), broadcast over it. On an accelerator a foreach
+    multiply by broadcast factors leaves torch's fused path (which needs matching shapes and strides) for one launch
+    per tensor, so tensors of one shape (`batches_by_shape`) are multiplied by dense factors instead: one gather
+    and one expanding copy per batch, then one fused foreach. The products are the same bits either way."""
+
+    def __init__(self, shapes: Sequence[torch.Size], counts: Sequence[int], device: torch.device) -> None:
+        self.coef = torch.ones(sum(counts), dtype=torch.float32, device=device)
+        view_shapes = [(c,) + (1,) * (len(s) - 1) if len(s) else () for s, c in zip(shapes, counts)]
+        self.views = [p.view(v) for p, v in zip(self.coef.split(list(counts)), view_shapes)]
+        starts = [0, *itertools.accumulate(counts)][:-1]
+        self.batches: list[tuple[list[int], Tensor, tuple[int, ...], tuple[int, ...]]] = []
+        for idx in batches_by_shape(device, shapes, range(len(shapes))):
+            index = [starts[i] + j for i in idx for j in range(counts[i])]
+            shape = (len(idx), *shapes[idx[0]])
+            self.batches.append(
+                (idx, device_tensor(index, dtype=torch.long, device=device), (len(idx), *view_shapes[idx[0]]), shape)
+            )
+        batched = {i for idx, *_ in self.batches for i in idx}
+        self.alone = None if not batched else [i for i in range(len(shapes)) if i not in batched]
+        self.alone_views = self.views if self.alone is None else [self.views[i] for i in self.alone]
+
+    def scale_(self, tensors: Sequence[Tensor]) -> None:
+        """Multiply ``tensors`` (of the shapes given at construction) in place by their coefficients."""
+        for idx, index, coef_shape, shape in self.batches:
+            dense = self.coef.index_select(0, index).view(coef_shape).expand(shape).contiguous()
+            torch._foreach_mul_([tensors[i] for i in idx], list(dense.unbind(0)))
+        rest = tensors if self.alone is None else [tensors[i] for i in self.alone]
+        if rest:
+            scale_(rest, self.alone_views)
+
+
 def clamp_(tensors: Sequence[Tensor], bound: Tensor) -> None:
     """Clamp every element of ``tensors`` in place to ``[-bound, bound]`` (``bound``: a 0-d device tensor, so an
     infinite bound makes this a no-op without a host decision). Two foreach calls per (device, dtype) group."""
@@ -166,13 +204,62 @@ def _clamper(bound: Tensor) -> Callable[[list[Tensor]], None]:
         if len(tensors) == 1:  # a CPU tensor on its own (see `_local_norms`): no list to build
             torch.minimum(first, hi, out=first)
             torch.maximum(first, lo, out=first)
-        else:
-            # torch has no foreach clamp to a tensor bound: min and max, where a 0-d tensor bound is one fast kernel
-            # each (`clamp(min=Tensor, max=Tensor)` is a slower three-input kernel on the CPU)
+            return
+        # torch has no foreach clamp to a tensor bound: min and max, where a 0-d tensor bound is one fast kernel
+        # each (`clamp(min=Tensor, max=Tensor)` is a slower three-input kernel on the CPU)
+        bounds_of = _BoundViews.of(tensors)
+        if bounds_of is None:
             torch._foreach_minimum_(tensors, [hi] * len(tensors))
             torch._foreach_maximum_(tensors, [lo] * len(tensors))
+            return
+        # an accelerator: the fused foreach needs bounds shaped like the tensors, so the bounds are filled into
+        # two small buffers that every batched tensor views (see `_BoundViews`)
+        small, his, los, large = bounds_of.fill(hi, lo)
+        torch._foreach_minimum_([tensors[i] for i in small], his)
+        torch._foreach_maximum_([tensors[i] for i in small], los)
+        if large:
+            torch._foreach_minimum_([tensors[i] for i in large], [hi] * len(large))
+            torch._foreach_maximum_([tensors[i] for i in large], [lo] * len(large))
 
     return clamp
+
+
+class _BoundViews:
+    """On an accelerator, per list of tensor shapes (cached): two buffers as long as the largest batched tensor
+    (`batches_by_shape`), and for each batched tensor a view of each shaped like it, so a clamp to a device bound
+    is two fused foreach calls after two fills, instead of one launch per tensor and bound."""
+
+    _cache: dict[tuple, _BoundViews] = {}
+
+    def __init__(self, tensors: Sequence[Tensor]) -> None:
+        shapes = [t.shape for t in tensors]
+        batched = sorted(i for idx in batches_by_shape(tensors[0].device, shapes, range(len(shapes))) for i in idx)
+        size = max((tensors[i].numel() for i in batched), default=0)
+        self.hi = torch.empty(size, dtype=tensors[0].dtype, device=tensors[0].device)
+        self.lo = torch.empty_like(self.hi)
+        self.small = batched
+        self.his = [self.hi[: tensors[i].numel()].view(shapes[i]) for i in batched]
+        self.los = [self.lo[: tensors[i].numel()].view(shapes[i]) for i in batched]
+        self.large = [i for i in range(len(shapes)) if i not in set(batched)]
+
+    @classmethod
+    def of(cls, tensors: Sequence[Tensor]) -> Optional[_BoundViews]:
+        """The views for these tensors, or ``None`` where nothing is batched (on the CPU)."""
+        first = tensors[0]
+        if not batching_on(first.device):
+            return None
+        key = (first.device, first.dtype, tuple([t.shape for t in tensors]))
+        views = cls._cache.get(key)
+        if views is None:
+            if len(cls._cache) > 16:
+                cls._cache.clear()
+            views = cls._cache[key] = cls(tensors)
+        return views if views.small else None
+
+    def fill(self, hi: Tensor, lo: Tensor) -> tuple[list[int], list[Tensor], list[Tensor], list[int]]:
+        self.hi.fill_(hi)  # a 0-d device tensor: filled on the device, nothing read back
+        self.lo.fill_(lo)
+        return self.small, self.his, self.los, self.large
 
 
 def zscore_threshold(
@@ -474,8 +561,7 @@ class _AgcLayout(NamedTuple):
     segments: Segments  # each tensor's units, twice over (`_global_norms` sums two values per unit)
     excluded: Optional[Tensor]  # for every unit, whether its tensor is excluded from AGC (None: none is)
     sharded: bool  # whether some tensor with rows is a DTensor (its per-tensor sums are partial)
-    coef: Tensor  # every unit's coefficient, rewritten each step
-    coef_views: list[Tensor]  # per tensor, the view of `coef` that broadcasts over its gradient
+    scaler: UnitScaler  # every unit's coefficient (`scaler.coef`, rewritten each step) and how it scales
 
 
 class _AgcRule(_Rule):
@@ -493,27 +579,20 @@ class _AgcRule(_Rule):
     def _layout_of(self, step: _Step) -> _AgcLayout:
         key = (tuple(step.names), tuple([g.shape for g in step.local_grads]), step.total.device)
         if key != self._layout_key or self._layout is None:
-            units, shapes, clipped = [], [], []
+            units, clipped = [], []
             for name, p, g in zip(step.names, step.params, step.local_grads):
                 _check_row_sharding(name, p)
                 n = g.shape[0] if g.ndim > 1 else 1
                 units.append(n)
-                # a 1-D tensor takes its (1,)-shaped coefficient as it is: no view to make every step
-                shapes.append((n,) + (1,) * (g.ndim - 1) if g.ndim > 1 else (None if g.ndim == 1 else ()))
                 clipped += [not any(p.search(name) for p in self.patterns)] * n
             device = step.total.device
             with_rows = [i for i, g in enumerate(step.local_grads) if g.ndim > 1]
-            coef = torch.ones(sum(units), device=device)
-            coef_views = [
-                c if shape is None else c.view(shape) for c, shape in zip(torch.split(coef, units), shapes)
-            ]
             self._layout = _AgcLayout(
                 with_rows,
                 Segments(units + units, device),
                 None if all(clipped) else device_tensor([not c for c in clipped], dtype=torch.bool, device=device),
                 any(hasattr(step.params[i], "placements") for i in with_rows),
-                coef,
-                coef_views,
+                UnitScaler([g.shape for g in step.local_grads], units, device),
             )
             self._layout_key = key
         return self._layout
@@ -531,14 +610,16 @@ class _AgcRule(_Rule):
         # into the layout's buffer, whose per-tensor views (made once) broadcast over the gradients
         one = self._one.on(coef.device)
         if layout.excluded is None:
-            torch.where(step.finite, coef, one, out=layout.coef)
+            torch.where(step.finite, coef, one, out=layout.scaler.coef)
         else:  # an excluded unit, or any unit of a non-finite step, keeps its gradient as it is
-            torch.where(layout.excluded | step.nonfinite, one, coef, out=layout.coef)
-        scale_(step.local_grads, layout.coef_views)
+            torch.where(layout.excluded | step.nonfinite, one, coef, out=layout.scaler.coef)
+        layout.scaler.scale_(step.local_grads)
         # exact norms from the units (each was scaled as a whole): no second pass over the gradients. The threshold
         # reported is the global norm a gradient has when every clipped unit sits exactly at its limit.
         limits = max_norm if layout.excluded is None else max_norm.masked_fill(layout.excluded, 0.0)
-        clipped_norm, threshold = self._global_norms(step, layout, torch.stack([grad_units * layout.coef, limits]))
+        clipped_norm, threshold = self._global_norms(
+            step, layout, torch.stack([grad_units * layout.scaler.coef, limits])
+        )
         return clipped_norm, threshold
 
     @staticmethod
@@ -576,6 +657,9 @@ class _AdaGCRule(_Rule):
         self.gamma = torch.zeros(0)  # per tensor, in the order of `names`; inf until a nonzero norm is seen
         self._index_key: Optional[tuple] = None
         self._index: Optional[Tensor] = None
+        self._scaler_key: Optional[tuple] = None
+        self._scaler: Optional[UnitScaler] = None
+        self._one = _Constant(1.0)
 
     def states(self) -> dict[str, Any]:
         return {"warmup": self.warmup}
@@ -611,6 +695,14 @@ class _AdaGCRule(_Rule):
             self._index_key = key
         return self._index  # type: ignore[return-value]
 
+    def _scaler_of(self, step: _Step) -> UnitScaler:
+        """One coefficient per tensor, scaling it whole (cached while the local shapes stay the same)."""
+        key = (tuple([g.shape for g in step.local_grads]), step.total.device)
+        if key != self._scaler_key or self._scaler is None:
+            self._scaler = UnitScaler(list(key[0]), [1] * len(key[0]), step.total.device)
+            self._scaler_key = key
+        return self._scaler
+
     def apply_(self, step: _Step, eps: float) -> tuple[Tensor, Tensor]:
         index = self._index_of(step)
         gamma = self.gamma.index_select(0, index)
@@ -622,8 +714,9 @@ class _AdaGCRule(_Rule):
             # warm-up: plain global clipping (AdaGC clips at an absolute lambda_abs here; the safe start instead)
             global_coef = clip_coefficient(step.total, warm_threshold, eps)
             coef = torch.where(warm, global_coef.expand_as(gamma), coef)
-        coef = torch.where(step.finite, coef, torch.ones_like(coef))
-        scale_(step.local_grads, coef.unbind(0))
+        scaler = self._scaler_of(step)
+        coef = torch.where(step.finite, coef, self._one.on(coef.device), out=scaler.coef)
+        scaler.scale_(step.local_grads)
         clipped = step.per_tensor * coef  # exact: each tensor was scaled as a whole; full-tensor under FSDP2
         updated = torch.where(torch.isinf(gamma), clipped, self.beta * gamma + (1 - self.beta) * clipped)
         if not over:

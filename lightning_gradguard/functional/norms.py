@@ -127,6 +127,39 @@ _STACK_NUMEL = 16384
 # reduced row by row, then the row norms are reduced: the p-norm of the rows' p-norms is the tensor's p-norm.
 _ROWS_NUMEL = 1 << 18
 
+# On an accelerator every kernel launch costs host time (about 10 us each on an H200) whatever its size, so a step
+# over many small tensors is bound by the number of launches, not by memory. There, tensors of one shape are batched:
+# stacked into one copy (one launch, cheap next to the launches it saves) and reduced or scaled in one call. Only
+# tensors up to `_BATCH_NUMEL` elements, at least `_BATCH_MIN` of a shape, in copies of at most `_BATCH_CHUNK`
+# elements (64 MB in float32), so the temporary stays small beside the gradients; a larger tensor keeps its own
+# launch, which its memory traffic outweighs. On the CPU a copy is a pass over memory that costs more than the call
+# it saves (the CPU has its own plan, `_CpuPlan`).
+_BATCH_NUMEL = 1 << 20
+_BATCH_CHUNK = 1 << 24
+_BATCH_MIN = 3
+_BATCH_ON_CPU = False  # tests set it to run the accelerator layout on the CPU
+
+
+def batching_on(device: torch.device) -> bool:
+    """Whether tensors on ``device`` are batched by shape (see `_BATCH_NUMEL`): on an accelerator."""
+    return torch.device(device).type != "cpu" or _BATCH_ON_CPU
+
+
+def batches_by_shape(device: torch.device, shapes: Sequence[torch.Size], candidates: Iterable[int]) -> list[list[int]]:
+    """The batches of `candidates` (indices into ``shapes``) that an accelerator handles together: tensors of one
+    shape, in chunks (see `_BATCH_NUMEL`). None on the CPU."""
+    if not batching_on(device):
+        return []
+    by_shape: dict[torch.Size, list[int]] = defaultdict(list)
+    for i in candidates:
+        if 0 < math.prod(shapes[i]) <= _BATCH_NUMEL:
+            by_shape[shapes[i]].append(i)
+    out = []
+    for shape, idx in by_shape.items():
+        per = max(1, _BATCH_CHUNK // math.prod(shape))
+        out += [idx[j : j + per] for j in range(0, len(idx), per) if len(idx[j : j + per]) >= _BATCH_MIN]
+    return out
+
 
 def _foreach_norm_fp32(tensors: list[Tensor], p: float, prepare: Optional[Prepare] = None) -> Tensor:
     if tensors[0].device.type == "cpu":
@@ -347,6 +380,11 @@ class _UnitPlan(NamedTuple):
 
     rows: list[tuple[int, tuple[int, ...]]]
     """per tensor with rows: its index and the dimensions its rows reduce over"""
+    rows_alone: list[tuple[int, tuple[int, ...]]]
+    """the entries of ``rows`` reduced one by one on the per-step path (all of them on the CPU)"""
+    row_batches: list[tuple[list[int], Tensor, tuple[int, ...]]]
+    """on an accelerator, tensors with rows of one shape reduced as one stack (`batches_by_shape`): their indices,
+    where their units sit (a device index) and the dimensions the stack's rows reduce over"""
     whole: list[int]
     """tensors that are one unit each, reduced together"""
     whole_index: Optional[Tensor]
@@ -380,8 +418,20 @@ def _unit_plan(shapes: tuple[torch.Size, ...], device: torch.device) -> _UnitPla
         starts = [0, *itertools.accumulate(counts)][:-1]
         rows = [(i, tuple(range(1, len(s)))) for i, s in enumerate(shapes) if has_rows[i]]
         whole = [i for i in range(len(shapes)) if not has_rows[i]]
+        batches = batches_by_shape(device, shapes, [i for i, _ in rows])
+        row_batches = [
+            (
+                idx,
+                device_tensor([starts[i] + j for i in idx for j in range(counts[i])], dtype=torch.long, device=device),
+                tuple(range(2, len(shapes[idx[0]]) + 1)),
+            )
+            for idx in batches
+        ]
+        batched = {i for idx in batches for i in idx}
         plan = _PLAN_CACHE[key] = _UnitPlan(
             rows,
+            [(i, dims) for i, dims in rows if i not in batched],
+            row_batches,
             whole,
             device_tensor([starts[i] for i in whole], dtype=torch.long, device=device) if whole else None,
             sum(counts),
@@ -531,7 +581,7 @@ class _UnitBuffer:
     def __init__(self, plan: _UnitPlan, device: torch.device) -> None:
         self.tensor = torch.empty(plan.size, dtype=_NORM_DTYPE, device=device)
         spans = self.tensor.split(plan.counts)
-        self.spans = [spans[i] for i, _ in plan.rows]
+        self.spans = [spans[i] for i, _ in plan.rows_alone]
 
 
 def _units(
@@ -569,8 +619,11 @@ def _units(
     else:
         units = torch.empty(plan.size, dtype=_NORM_DTYPE, device=out_device)
         pieces = units.split(plan.counts)  # one call makes every tensor's span
-        spans = [pieces[i] for i, _ in plan.rows]
-    for (i, dims), span in zip(plan.rows, spans):
+        spans = [pieces[i] for i, _ in plan.rows_alone]
+    for members, index, dims in plan.row_batches:  # an accelerator: one stack, one reduction, one copy per batch
+        stack = torch.stack([local[i] for i in members])
+        units.index_copy_(0, index, _row_norms(stack, dims).view(-1).to(out_device))
+    for (i, dims), span in zip(plan.rows_alone, spans):
         t = local[i]
         if t.dtype is not torch.float64:  # float64 is reduced in its own precision first (`_row_norms`)
             try:
