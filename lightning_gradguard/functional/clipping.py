@@ -108,11 +108,13 @@ def clip_coefficient(norm: Tensor, threshold: Tensor, eps: float = 1e-6, finite:
         >>> clip_coefficient(torch.tensor([4.0, 0.5, float("nan")]), torch.tensor(1.0), eps=0.0)
         tensor([0.2500, 1.0000, 1.0000])
     """
-    # clamp rather than `if coef < 1`: the comparison would read the value back to the host
-    coef = torch.clamp(threshold / (norm + eps), max=1.0)
-    # a non-finite norm is left to the guard or AMP's scaler; a NaN coefficient (0/0 thresholds) means "no clip"
-    keep = (torch.isfinite(norm) if finite is None else finite) & (coef == coef)  # coef == coef: not NaN
-    return torch.where(keep, coef, 1.0)
+    # fmin rather than `if coef < 1` (a host read) or a clamp: where one side is NaN fmin takes the other, so a NaN
+    # coefficient (0/0 thresholds) comes out as 1, "no clip", in the same operation (on a GPU each saved operation is
+    # a saved kernel launch, the cost of a step of small tensors)
+    one = _ONE.on(norm.device)
+    coef = torch.fmin(threshold / (norm + eps), one)
+    # a non-finite norm is left to the guard or AMP's scaler
+    return torch.where(torch.isfinite(norm) if finite is None else finite, coef, one)
 
 
 def _groups(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], tuple[list[Tensor], list[int]]]:
@@ -282,9 +284,11 @@ def zscore_threshold(
         tensor(3.5000)
     """
     std = var.sqrt()
-    z = (norm - mean) / (std + eps)
-    outlier = mean + (z_thresh * std) / (z / z_thresh) if mode == "adaptive_scaling" else mean
-    return torch.where(z > z_thresh, outlier, mean + z_thresh * (std + eps))
+    spread = std + eps
+    z = (norm - mean) / spread
+    # fused forms (one kernel each on a GPU): mean + z_thresh^2 * std / z, and mean + z_thresh * spread
+    outlier = torch.addcdiv(mean, std, z, value=z_thresh * z_thresh) if mode == "adaptive_scaling" else mean
+    return torch.where(z > z_thresh, outlier, torch.add(mean, spread, alpha=z_thresh))
 
 
 def unitwise_norms(tensor: Tensor) -> Tensor:
@@ -338,8 +342,8 @@ def adagc_coefficients(norms: Tensor, gamma: Tensor, factor: float = 1.05) -> Te
         >>> adagc_coefficients(torch.tensor([2.0, 0.5, 0.0]), torch.tensor([1.0, 1.0, 1.0]), factor=1.0)
         tensor([0.5000, 1.0000, 1.0000])
     """
-    coef = torch.clamp(factor * gamma / norms, max=1.0)
-    return torch.where((norms > 0) & ~torch.isnan(coef), coef, torch.ones_like(coef))
+    # fmin takes 1 where the ratio is NaN (0/0, inf/inf); a zero norm gives inf, so 1 as well: three kernels
+    return torch.fmin(factor * gamma / norms, _ONE.on(norms.device))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -479,6 +483,10 @@ class _Constant:
             dtype = torch.float32 if torch.device(device).type == "mps" else self.dtype  # MPS has no float64
             self._tensor = torch.full((), self.value, dtype=dtype, device=device)
         return self._tensor
+
+
+_ONE = _Constant(1.0)
+_ZERO = _Constant(0.0)
 
 
 class _NormRule(_Rule):
@@ -718,14 +726,16 @@ class _AdaGCRule(_Rule):
         coef = torch.where(step.finite, coef, self._one.on(coef.device), out=scaler.coef)
         scaler.scale_(step.local_grads)
         clipped = step.per_tensor * coef  # exact: each tensor was scaled as a whole; full-tensor under FSDP2
-        updated = torch.where(torch.isinf(gamma), clipped, self.beta * gamma + (1 - self.beta) * clipped)
+        # beta * gamma + (1 - beta) * clipped as one `lerp` kernel; an unset (inf) gamma starts from the norm
+        updated = torch.where(torch.isinf(gamma), clipped, torch.lerp(gamma, clipped, 1 - self.beta))
         if not over:
             updated = torch.where(warm, torch.minimum(gamma, clipped), updated)
         # a zero gradient says nothing about a tensor's scale: its gamma stays as it was
         informative = step.finite & (step.per_tensor > 0)
         self.gamma = self.gamma.index_copy(0, index, torch.where(informative, updated, gamma))
         limits = self.factor * gamma
-        threshold = torch.linalg.vector_norm(torch.where(torch.isfinite(limits), limits, torch.zeros_like(limits)))
+        # the unset (inf) limits count as 0; a limit is >= 0, so below inf exactly when finite
+        threshold = torch.linalg.vector_norm(torch.where(limits < math.inf, limits, _ZERO.on(limits.device)))
         if not over:
             self.warmup.record(step.total, step.finite, warm_threshold)
             threshold = torch.where(warm, warm_threshold, threshold)
@@ -961,7 +971,8 @@ class GradientClipper:
             cap_coef = clip_coefficient(clipped, cap, self.eps)
             scale_(step.local_grads, cap_coef)
             clipped, threshold = clipped * cap_coef, torch.minimum(threshold, cap)
-        coef = torch.where(step.finite & (step.total > 0), clipped / step.total, torch.ones_like(clipped))
+        # a zero gradient (0/0) has coefficient 1, as has a non-finite step
+        coef = torch.where(step.finite, torch.nan_to_num(clipped / step.total, nan=1.0), _ONE.on(clipped.device))
         return ClipResult(step.total, torch.where(step.finite, clipped, step.total), threshold, coef)
 
     @property
