@@ -42,7 +42,19 @@ def _is_host_copy(func: Any, kwargs: dict) -> bool:
     return False
 
 
-class HostSyncCounter(TorchDispatchMode):
+class _OpCounter(TorchDispatchMode):
+    """A dispatch mode that tallies ops by name in ``counts``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+
+class HostSyncCounter(_OpCounter):
     """Count host synchronisations (``_local_scalar_dense``, ``nonzero``, copies to the CPU) inside a block.
 
     Example::
@@ -55,14 +67,6 @@ class HostSyncCounter(TorchDispatchMode):
         >>> dict(counter.counts)
         {'_local_scalar_dense': 1}
     """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Counter[str] = Counter()
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
@@ -99,7 +103,7 @@ def _fused_foreach(lists: list[list[torch.Tensor]]) -> bool:
     return True
 
 
-class KernelLaunchCounter(TorchDispatchMode):
+class KernelLaunchCounter(_OpCounter):
     """Count the device kernels a block of code launches, as an accelerator would run it.
 
     On a GPU a small step is bound by launches (host time per kernel), not by memory, so their number is the cost
@@ -119,14 +123,6 @@ class KernelLaunchCounter(TorchDispatchMode):
         >>> counter.total
         102
     """
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Counter[str] = Counter()
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
