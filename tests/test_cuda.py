@@ -72,6 +72,34 @@ def test_functional_clipper_on_the_gpu_without_a_sync(method):
     assert 0.0 < coef <= 1.0 and result.threshold.device.type == "cuda"
 
 
+@pytest.mark.parametrize("method", ["value", "agc", "adagc"])
+def test_batched_clipping_on_the_gpu_matches_the_cpu_without_a_sync(method):
+    """Tensors of one shape are batched on the GPU (row norms, dense factors, the value bound's views): the same
+    gradients and statistics as the CPU's per-tensor path, step after step, NaN step included, and no sync."""
+    kwargs = {"clip_value": 0.5} if method == "value" else {"warmup_steps": 1} if method == "adagc" else {}
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(32, 16), (16,), (32, 16), (16,), (32, 16), (16,), (3, 4, 4), (3, 4, 4), (3, 4, 4), (5,)]
+    weights = [torch.randn(s, generator=gen) for s in shapes]
+    runs = {}
+    for device in ("cpu", "cuda"):
+        clipper = GradientClipper(method, **kwargs)
+        params = [torch.nn.Parameter(w.to(device)) for w in weights]
+        gen = torch.Generator().manual_seed(1)
+        out = []
+        for step in range(12):
+            for p, s in zip(params, shapes):
+                p.grad = (torch.randn(s, generator=gen) * (100.0 if step == 8 else 1.0)).to(device)
+            if step == 5:
+                params[2].grad[0, 0] = float("nan")
+            with no_device_sync() if device == "cuda" else contextlib.nullcontext():
+                result = clipper.clip_(params)
+            out.append(([p.grad.cpu() for p in params], [v.cpu() for v in result]))
+        runs[device] = out
+    for (cpu_grads, cpu_result), (gpu_grads, gpu_result) in zip(runs["cpu"], runs["cuda"]):
+        for a, b in zip(cpu_grads + cpu_result, gpu_grads + gpu_result):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7, equal_nan=True)
+
+
 def test_quantizer_on_the_gpu_is_unbiased_and_sync_free():
     quantizer = GradientQuantizer(method="stochastic", bits=4, block_size=256)
     grad = torch.randn(4096, device="cuda")

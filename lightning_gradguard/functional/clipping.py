@@ -508,7 +508,8 @@ class _QuantileRule(_Rule):
 
     def advance(self, step: _Step) -> Tensor:
         from_history = self.history.quantile(self.quantile)
-        from_history = torch.where(self.history.count > 0, from_history, torch.full_like(from_history, math.inf))
+        # an empty window's quantile is NaN (it holds finite values only, so nothing else is): no threshold yet
+        from_history = from_history.nan_to_num(nan=math.inf, posinf=math.inf)
         if self.warmup.over:  # what the general path computes once the warm-up is over, without its masked terms
             self.history.append(step.total, step.finite)
             return from_history
