@@ -283,12 +283,12 @@ def zscore_threshold(
         >>> zscore_threshold(torch.tensor(2.0), torch.tensor(1.0), torch.tensor(1.0), 2.5, eps=0.0)
         tensor(3.5000)
     """
+    # ZClip's arithmetic, operation for operation, so the same inputs give its bits (fused forms such as addcdiv
+    # would save kernels but round differently, and on an exploding run a last-bit difference grows)
     std = var.sqrt()
-    spread = std + eps
-    z = (norm - mean) / spread
-    # fused forms (one kernel each on a GPU): mean + z_thresh^2 * std / z, and mean + z_thresh * spread
-    outlier = torch.addcdiv(mean, std, z, value=z_thresh * z_thresh) if mode == "adaptive_scaling" else mean
-    return torch.where(z > z_thresh, outlier, torch.add(mean, spread, alpha=z_thresh))
+    z = (norm - mean) / (std + eps)
+    outlier = mean + (z_thresh * std) / (z / z_thresh) if mode == "adaptive_scaling" else mean
+    return torch.where(z > z_thresh, outlier, mean + z_thresh * (std + eps))
 
 
 def unitwise_norms(tensor: Tensor) -> Tensor:
@@ -727,8 +727,9 @@ class _AdaGCRule(_Rule):
         coef = torch.where(step.finite, coef, self._one.on(coef.device), out=scaler.coef)
         scaler.scale_(step.local_grads)
         clipped = step.per_tensor * coef  # exact: each tensor was scaled as a whole; full-tensor under FSDP2
-        # beta * gamma + (1 - beta) * clipped as one `lerp` kernel; an unset (inf) gamma starts from the norm
-        updated = torch.where(torch.isinf(gamma), clipped, torch.lerp(gamma, clipped, 1 - self.beta))
+        # an unset (inf) gamma starts from the norm (the EMA's arithmetic as written, not a `lerp`, which rounds
+        # differently)
+        updated = torch.where(torch.isinf(gamma), clipped, self.beta * gamma + (1 - self.beta) * clipped)
         if not over:
             updated = torch.where(warm, torch.minimum(gamma, clipped), updated)
         # a zero gradient says nothing about a tensor's scale: its gamma stays as it was

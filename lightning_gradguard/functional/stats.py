@@ -189,9 +189,9 @@ class EmaMoments:
         """Fold ``value`` in, if the moments are started, ``value`` is finite and ``mask`` allows."""
         keep = _keep(value, mask) & self.started
         value = value.to(_DTYPE)
-        # alpha * old + (1 - alpha) * new as one `lerp` kernel each (five fewer launches on a GPU)
-        mean = torch.lerp(self.mean, value, 1 - self.alpha)
-        var = torch.lerp(self.var, (value - mean).square(), 1 - self.alpha)
+        # ZClip's arithmetic as written (a `lerp` would be one kernel, but it rounds differently)
+        mean = self.alpha * self.mean + (1 - self.alpha) * value
+        var = self.alpha * self.var + (1 - self.alpha) * (value - mean) ** 2
         self.mean = torch.where(keep, mean, self.mean)
         self.var = torch.where(keep, var, self.var)
 
