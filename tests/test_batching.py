@@ -28,6 +28,8 @@ def batching(monkeypatch):
 
     def set_(on: bool) -> None:
         monkeypatch.setattr(norms, "_BATCH_ON_CPU", on)
+        # off: nothing batched at all, not even the CPU's own stacking of small weights for their row norms
+        monkeypatch.setattr(norms, "_ROW_STACK_NUMEL", norms._ROW_STACK_NUMEL if on else 0)
         monkeypatch.setattr(norms, "_PLAN_CACHE", {})
         monkeypatch.setattr(_BoundViews, "_cache", {})
 
@@ -92,16 +94,22 @@ def test_batched_path_gives_the_bits_of_the_per_tensor_path(method, batching):
     assert results[5][1] < results[5][0]
 
 
-def test_batched_agc_in_a_real_fit_matches_the_per_tensor_fit(tmp_path, batching):
-    """Three same-shape weights and three same-shape biases: batched on the CPU, the run is the same bits."""
+def test_batched_agc_in_a_real_fit_matches_the_per_tensor_fit(tmp_path, batching, monkeypatch):
+    """Three same-shape weights and three same-shape biases. Nothing batched, the CPU's default (small weights
+    stacked for their row norms) and the accelerator's batching run on the CPU: the same bits."""
     finals = []
-    for on in (False, True):
-        batching(on)
+    for mode in ("off", "cpu default", "accelerator"):
+        batching(mode == "accelerator")
+        if mode == "cpu default":
+            monkeypatch.setattr(norms, "_ROW_STACK_NUMEL", 4096)
+            shapes = tuple(p.shape for p in TinyMLP().parameters())
+            assert norms._unit_plan(shapes, torch.device("cpu")).row_batches  # the 16 x 16 weights are stacked
         model = TinyMLP(lr=0.05, optimizer="adam")
         tiny_trainer(tmp_path, max_steps=12, callbacks=[GradientClipping()]).fit(model)
         finals.append([p.detach().clone() for p in model.parameters()])
-    for a, b in zip(*finals):
-        assert torch.equal(a, b)
+    for other in finals[1:]:
+        for a, b in zip(finals[0], other):
+            assert torch.equal(a, b)
 
 
 def _launches(method: str, params: list[nn.Parameter]) -> int:

@@ -126,6 +126,8 @@ _STACK_NUMEL = 16384
 # two threads, where its row norms take 0.43 ms and a single thread 1.5 ms either way). A large tensor with rows is
 # reduced row by row, then the row norms are reduced: the p-norm of the rows' p-norms is the tensor's p-norm.
 _ROWS_NUMEL = 1 << 18
+# weights up to this size, three or more of one shape, are stacked for their row norms on the CPU (see `_unit_plan`)
+_ROW_STACK_NUMEL = 4096
 
 # On an accelerator every kernel launch costs host time (about 10 us each on an H200) whatever its size, so a step
 # over many small tensors is bound by the number of launches, not by memory. There, tensors of one shape are batched:
@@ -145,14 +147,18 @@ def batching_on(device: torch.device) -> bool:
     return torch.device(device).type != "cpu" or _BATCH_ON_CPU
 
 
-def batches_by_shape(device: torch.device, shapes: Sequence[torch.Size], candidates: Iterable[int]) -> list[list[int]]:
+def batches_by_shape(
+    device: torch.device, shapes: Sequence[torch.Size], candidates: Iterable[int], cpu_numel: int = 0
+) -> list[list[int]]:
     """The batches of `candidates` (indices into ``shapes``) that an accelerator handles together: tensors of one
-    shape, in chunks (see `_BATCH_NUMEL`). None on the CPU."""
-    if not batching_on(device):
+    shape, in chunks (see `_BATCH_NUMEL`). On the CPU only tensors up to ``cpu_numel`` elements (none by default),
+    small enough that their stacked copy costs less than the calls it saves."""
+    limit = _BATCH_NUMEL if batching_on(device) else cpu_numel
+    if not limit:
         return []
     by_shape: dict[torch.Size, list[int]] = defaultdict(list)
     for i in candidates:
-        if 0 < math.prod(shapes[i]) <= _BATCH_NUMEL:
+        if 0 < math.prod(shapes[i]) <= limit:
             by_shape[shapes[i]].append(i)
     out = []
     for shape, idx in by_shape.items():
@@ -418,7 +424,9 @@ def _unit_plan(shapes: tuple[torch.Size, ...], device: torch.device) -> _UnitPla
         starts = [0, *itertools.accumulate(counts)][:-1]
         rows = [(i, tuple(range(1, len(s)))) for i, s in enumerate(shapes) if has_rows[i]]
         whole = [i for i in range(len(shapes)) if not has_rows[i]]
-        batches = batches_by_shape(device, shapes, [i for i, _ in rows])
+        # small weights of one shape are stacked for their row norms on the CPU too, as `_CpuPlan` stacks small
+        # whole tensors: a call per tensor costs more there than the copy
+        batches = batches_by_shape(device, shapes, [i for i, _ in rows], cpu_numel=_ROW_STACK_NUMEL)
         row_batches = [
             (
                 idx,
