@@ -242,7 +242,8 @@ class _BoundViews:
         self.small = batched
         self.his = [self.hi[: tensors[i].numel()].view(shapes[i]) for i in batched]
         self.los = [self.lo[: tensors[i].numel()].view(shapes[i]) for i in batched]
-        self.large = [i for i in range(len(shapes)) if i not in set(batched)]
+        in_batch = set(batched)
+        self.large = [i for i in range(len(shapes)) if i not in in_batch]
 
     @classmethod
     def of(cls, tensors: Sequence[Tensor]) -> Optional[_BoundViews]:
@@ -582,7 +583,6 @@ class _AgcRule(_Rule):
         self.patterns = [re.compile(p) for p in exclude]
         self._layout_key: Optional[tuple] = None
         self._layout: Optional[_AgcLayout] = None
-        self._one = _Constant(1.0)
         self._weight_buffers: dict = {}
 
     def _layout_of(self, step: _Step) -> _AgcLayout:
@@ -617,7 +617,7 @@ class _AgcRule(_Rule):
         max_norm = _agc_limits(weight_norms, self.clip_factor, self.eps)  # also the threshold's limits below
         coef = _agc_coef(grad_units, max_norm)
         # into the layout's buffer, whose per-tensor views (made once) broadcast over the gradients
-        one = self._one.on(coef.device)
+        one = _ONE.on(coef.device)
         if layout.excluded is None:
             torch.where(step.finite, coef, one, out=layout.scaler.coef)
         else:  # an excluded unit, or any unit of a non-finite step, keeps its gradient as it is
@@ -668,7 +668,6 @@ class _AdaGCRule(_Rule):
         self._index: Optional[Tensor] = None
         self._scaler_key: Optional[tuple] = None
         self._scaler: Optional[UnitScaler] = None
-        self._one = _Constant(1.0)
 
     def states(self) -> dict[str, Any]:
         return {"warmup": self.warmup}
@@ -724,7 +723,7 @@ class _AdaGCRule(_Rule):
             global_coef = clip_coefficient(step.total, warm_threshold, eps)
             coef = torch.where(warm, global_coef.expand_as(gamma), coef)
         scaler = self._scaler_of(step)
-        coef = torch.where(step.finite, coef, self._one.on(coef.device), out=scaler.coef)
+        coef = torch.where(step.finite, coef, _ONE.on(coef.device), out=scaler.coef)
         scaler.scale_(step.local_grads)
         clipped = step.per_tensor * coef  # exact: each tensor was scaled as a whole; full-tensor under FSDP2
         # an unset (inf) gamma starts from the norm (the EMA's arithmetic as written, not a `lerp`, which rounds

@@ -33,6 +33,7 @@ __all__ = ["STATISTICS", "SpikeCheck", "SpikeDetector", "Statistic", "spike_scor
 Statistic = Literal["median", "mean"]
 STATISTICS = ("median", "mean")
 
+
 class Finiteness:
     """Mixin for a step record with ``finite``, a device bool: whether the step's global norm is finite. Adds
     ``nonfinite``, its negation, made once when a consumer first asks (most steps never need it)."""

@@ -126,7 +126,8 @@ _STACK_NUMEL = 16384
 # two threads, where its row norms take 0.43 ms and a single thread 1.5 ms either way). A large tensor with rows is
 # reduced row by row, then the row norms are reduced: the p-norm of the rows' p-norms is the tensor's p-norm.
 _ROWS_NUMEL = 1 << 18
-# weights up to this size, three or more of one shape, are stacked for their row norms on the CPU (see `_unit_plan`)
+# weights up to this size, three or more of one shape, are stacked for their row norms on the CPU too (see
+# `_unit_plan`): for them the copy costs less than a call per tensor; for larger ones (measured at 16384) it costs more
 _ROW_STACK_NUMEL = 4096
 
 # On an accelerator every kernel launch costs host time (about 10 us each on an H200) whatever its size, so a step
@@ -134,8 +135,8 @@ _ROW_STACK_NUMEL = 4096
 # stacked into one copy (one launch, cheap next to the launches it saves) and reduced or scaled in one call. Only
 # tensors up to `_BATCH_NUMEL` elements, at least `_BATCH_MIN` of a shape, in copies of at most `_BATCH_CHUNK`
 # elements (64 MB in float32), so the temporary stays small beside the gradients; a larger tensor keeps its own
-# launch, which its memory traffic outweighs. On the CPU a copy is a pass over memory that costs more than the call
-# it saves (the CPU has its own plan, `_CpuPlan`).
+# launch, which its memory traffic outweighs. On the CPU a copy of a large tensor is a pass over memory that costs
+# more than the call it saves: there only small tensors are stacked (`_CpuPlan`, `_ROW_STACK_NUMEL`).
 _BATCH_NUMEL = 1 << 20
 _BATCH_CHUNK = 1 << 24
 _BATCH_MIN = 3
@@ -154,16 +155,22 @@ def batches_by_shape(
     shape, in chunks (see `_BATCH_NUMEL`). On the CPU only tensors up to ``cpu_numel`` elements (none by default),
     small enough that their stacked copy costs less than the calls it saves."""
     limit = _BATCH_NUMEL if batching_on(device) else cpu_numel
-    if not limit:
-        return []
+    return _same_shape_groups(shapes, candidates, limit, _BATCH_MIN, _BATCH_CHUNK) if limit else []
+
+
+def _same_shape_groups(
+    shapes: Sequence[torch.Size], candidates: Iterable[int], max_numel: int, min_count: int, chunk: int = 0
+) -> list[list[int]]:
+    """`candidates` (indices into ``shapes``) of up to ``max_numel`` elements grouped by shape, each group of at least
+    ``min_count`` tensors and, with ``chunk``, of at most ``chunk`` elements in all."""
     by_shape: dict[torch.Size, list[int]] = defaultdict(list)
     for i in candidates:
-        if 0 < math.prod(shapes[i]) <= limit:
+        if 0 < math.prod(shapes[i]) <= max_numel:
             by_shape[shapes[i]].append(i)
     out = []
     for shape, idx in by_shape.items():
-        per = max(1, _BATCH_CHUNK // math.prod(shape))
-        out += [idx[j : j + per] for j in range(0, len(idx), per) if len(idx[j : j + per]) >= _BATCH_MIN]
+        per = max(1, chunk // math.prod(shape)) if chunk else len(idx)
+        out += [idx[j : j + per] for j in range(0, len(idx), per) if len(idx[j : j + per]) >= min_count]
     return out
 
 
@@ -200,11 +207,7 @@ def _cpu_plan(shapes: tuple[torch.Size, ...]) -> _CpuPlan:
         return plan
     if len(_CPU_PLANS) > 64:
         _CPU_PLANS.clear()
-    by_shape: dict[torch.Size, list[int]] = defaultdict(list)
-    for i, shape in enumerate(shapes):
-        if 0 < math.prod(shape) <= _STACK_NUMEL:
-            by_shape[shape].append(i)
-    stacks = [idx for idx in by_shape.values() if len(idx) > 1]
+    stacks = _same_shape_groups(shapes, range(len(shapes)), _STACK_NUMEL, 2)
     stacked = {i for idx in stacks for i in idx}
     rows = [
         (i, tuple(range(1, len(shape))))
@@ -387,10 +390,11 @@ class _UnitPlan(NamedTuple):
     rows: list[tuple[int, tuple[int, ...]]]
     """per tensor with rows: its index and the dimensions its rows reduce over"""
     rows_alone: list[tuple[int, tuple[int, ...]]]
-    """the entries of ``rows`` reduced one by one on the per-step path (all of them on the CPU)"""
+    """the entries of ``rows`` not in ``row_batches``, reduced one by one"""
     row_batches: list[tuple[list[int], Tensor, tuple[int, ...]]]
-    """on an accelerator, tensors with rows of one shape reduced as one stack (`batches_by_shape`): their indices,
-    where their units sit (a device index) and the dimensions the stack's rows reduce over"""
+    """tensors with rows of one shape reduced as one stack (`batches_by_shape`: on an accelerator, and small weights
+    on the CPU): their indices, where their units sit (a device index) and the dimensions the stack's rows reduce
+    over"""
     whole: list[int]
     """tensors that are one unit each, reduced together"""
     whole_index: Optional[Tensor]
@@ -628,7 +632,7 @@ def _units(
         units = torch.empty(plan.size, dtype=_NORM_DTYPE, device=out_device)
         pieces = units.split(plan.counts)  # one call makes every tensor's span
         spans = [pieces[i] for i, _ in plan.rows_alone]
-    for members, index, dims in plan.row_batches:  # an accelerator: one stack, one reduction, one copy per batch
+    for members, index, dims in plan.row_batches:  # one stack, one reduction, one copy per batch
         stack = torch.stack([local[i] for i in members])
         units.index_copy_(0, index, _row_norms(stack, dims).view(-1).to(out_device))
     for (i, dims), span in zip(plan.rows_alone, spans):
