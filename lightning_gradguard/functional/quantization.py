@@ -1,66 +1,33 @@
-"""Low-bit gradient quantizers with error feedback, vectorised over whole groups of tensors, without host syncs.
+"""Low-bit gradient quantizers with error feedback, without host syncs.
 
-Methods (formulas in ``shared/ANCHORS.md``):
+Methods (formulas in ``shared/ANCHORS.md``), ``L`` levels on each side of zero:
 
-- ``"stochastic"``: blockwise k-bit stochastic rounding. Per block of ``block_size`` elements,
-  ``scale = max |g|`` and ``q = round_stochastic(g / scale * L) * scale / L`` with ``L = 2**(k-1) - 1`` levels on
-  each side of zero. Unbiased.
-- ``"qsgd"``: QSGD (Alistarh et al., 2017) with ``s`` levels, scaled by the L2 norm of each block ("bucket" in the
-  paper): ``Q(v_i) = ||v|| * sign(v_i) * xi_i(v, s)``. Unbiased; variance ``<= min(d / s**2, sqrt(d) / s) * ||v||**2``
-  per bucket of ``d`` elements.
-- ``"terngrad"``: TernGrad (Wen et al., 2017). Per tensor: clip to ``+-c * sigma`` (``c = 2.5``), then
-  ``max|g| * sign(g) * Bernoulli(|g| / max|g|)``. Unbiased on the clipped gradient.
-- ``"sign"``: scaled sign with error feedback (Karimireddy et al., 2019). Per tensor:
-  ``p = g + e; delta = ||p||_1 / d * sign(p); e <- p - delta``.
+- ``"stochastic"``: per block of ``block_size`` elements, ``scale = max |g|``,
+  ``Q(g) = round_stochastic(g / scale * L) * scale / L`` with ``L = 2**(bits-1) - 1``. Unbiased.
+- ``"qsgd"`` (Alistarh et al., 2017): the same with ``scale = ||block||`` and ``L = s`` levels. Unbiased; variance
+  ``<= min(d / s**2, sqrt(d) / s) * ||v||**2`` per block of ``d`` elements.
+- ``"terngrad"`` (Wen et al., 2017): per tensor, clip to ``+-2.5 sigma``, then ``max|g| * sign(g) *
+  Bernoulli(|g| / max|g|)`` (``L = 1``). Unbiased on the clipped gradient.
+- ``"sign"`` (Karimireddy et al., 2019): per tensor, ``mean|p| * s(p)`` with ``s(p) = -1`` for ``p < 0`` and ``+1``
+  otherwise (one bit per element), always with error feedback.
 
-Error feedback (any method): the quantizer's input is ``p = g + e`` and the residual ``e <- p - Q(p)`` is carried to
-the next call, so over ``T`` calls ``sum(Q) = sum(g) - e_T`` (the identity is tested).
+The core is :func:`encode` and :func:`decode` on a 2-D view of blocks (one row per block, one scale per row), shared
+with the compressed DDP communication hook (:mod:`lightning_gradguard.functional.communication`).
 
-Outlier bound, the quantizer's own guard against explosions: before quantizing, ``|g|`` is clamped per tensor to
-``clamp_sigma * sigma`` (``sigma`` the root mean square of the tensor, i.e. its standard deviation about zero, so a
-gradient with a large common offset, a bias for instance, is not clipped away) or to the ``clamp_quantile``-quantile
-of ``|g|``, estimated from ``QUANTILE_SAMPLES`` elements per tensor drawn with the quantizer's generator
-(``torch.quantile`` has input-size limits and an exact per-tensor selection would need one call per tensor).
-One exploding element then cannot flatten the scale of its whole block. What the bound removes is dropped, as
-clipping drops it: it does not enter the error-feedback residual.
+Error feedback: the quantizer's input is ``p = g + e`` and ``e <- p - Q(p)`` is carried to the next call, so over
+``T`` calls ``sum(Q) = sum(g) - e_T``. The outlier bound (``clamp_sigma`` times the tensor's root mean square, or
+its ``clamp_quantile``-quantile of ``|g|`` estimated from ``QUANTILE_SAMPLES`` random elements) is applied to ``p``
+first; what it removes is dropped, as clipping drops it, and does not enter the residual.
 
-Layout. Tensors are grouped by (device, dtype, shard) and copied into one zero-padded float buffer of shape
-``(num_blocks, block_size)`` per group, each tensor starting on a block boundary, so that every step is a fixed
-number of operations per group and chunk (below) whatever the number of tensors; per-tensor statistics are
-segment reductions over the per-block ones. The buffers are kept between calls (allocating them anew costs more than the
-arithmetic on the CPU).
+Layout: the tensors of one (device, dtype, shard) group are copied into a zero-padded ``(blocks, block_size)``
+tensor, each tensor starting on a block boundary; per-tensor statistics are ``_foreach_norm`` calls over views.
 
-Chunks. On the CPU the passes are memory-bound: each whole-buffer pass would stream the buffers from main memory.
-So the passes go over runs of whole tensors of about ``CHUNK_ELEMENTS`` elements per thread (the size of a core's
-cache) one run after the other: a first sweep copies a chunk in and takes its per-block statistics, then, once the
-per-tensor decisions (finite or not, outlier bound, scales) are taken for the whole group, a second sweep quantizes
-each chunk, gathers its output rows and copies them out while the chunk is still in the cache. Elementwise
-operations and per-row reductions give the same values whatever the chunks, so the chunking changes no result.
+Randomness: the draws of a group come from its device's generator seeded with :func:`derive_seed` of ``(seed, step,
+stream, group, shard coordinate)``, values every rank knows: DDP ranks (identical gradients) draw the same numbers,
+FSDP2 shards draw independently (replicas of a shard alike), and a resumed run draws what the uninterrupted run drew.
 
-Randomness. Every draw (the dither below, the quantile samples) comes from the generator of the group's device
-seeded with :func:`derive_seed` of ``(seed, step, stream, group index, shard coordinate)``: a pure function of
-values every rank knows, so
-
-- under DDP (identical gradients after the all-reduce, no shard coordinate) every rank draws the same numbers and
-  replicated parameters stay bitwise identical;
-- under FSDP2 each rank quantizes its local shard with blocks aligned to the shard's start, seeded with its
-  coordinate on the sharded mesh dimensions: distinct shards draw independent numbers, replicas of one shard
-  (HSDP) draw the same ones, and no collective is needed;
-- a resumed run draws what an uninterrupted one would have drawn: the generator state is ``(seed, step)``.
-
-Dither. Stochastic rounding is ``round(y + d)`` with ``d`` uniform in ``[-1/2, 1/2)`` (float32). On the CPU the
-generator, not the arithmetic, would dominate the cost (``torch.rand`` alone costs three times
-``clip_grad_norm_``), so each group keeps a table of ``N + M`` uniform values (``N`` its padded size,
-``M = min(N, DITHER_SPAN)``), and step ``t`` reads the ``N`` values at a random offset in ``[0, M]``. One
-``DITHER_REFRESH``-th of the table is redrawn every step (slice ``t % DITHER_REFRESH``, seeded by ``t``), so every
-value lives ``DITHER_REFRESH`` steps and the table is a pure function of the step: a resumed run rebuilds it
-exactly. Within a step all dithers are distinct draws, so each step's rounding is unbiased; an element's dithers at
-two steps are distinct draws unless the two offsets coincide (probability ``1 / (M + 1)``), so its rounding errors
-are independent from step to step.
-
-Non-finite gradients. A tensor with any NaN or Inf (or whose squared norm overflows float32) is left bitwise
-untouched and neither consumes nor updates its residual; the choice is made on the device (a fixed-size gather of
-rows, each from the quantized values or from the input, and likewise for the residual), never read on the host.
+Non-finite tensors (a NaN or Inf, or a squared norm that overflows) are left bitwise untouched and keep their
+residual; the choice is a ``torch.where`` on the device, never a host read.
 """
 
 from __future__ import annotations
@@ -69,26 +36,30 @@ import math
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Literal, Optional
 
 import torch
 from torch import Tensor
 
-from lightning_gradguard.functional.norms import Segments, as_local_tensor
-from lightning_gradguard.utilities import device_tensor
+from lightning_gradguard.functional.norms import as_local_tensor
+
+try:  # DTensor is public from torch 2.4 on
+    from torch.distributed.tensor import DTensor, distribute_tensor
+except ImportError:  # pragma: no cover - torch builds without distributed support
+    DTensor = distribute_tensor = None  # type: ignore[assignment,misc]
 
 __all__ = [
     "METHODS",
-    "DITHER_REFRESH",
-    "DITHER_SPAN",
-    "CHUNK_ELEMENTS",
     "QUANTILE_SAMPLES",
     "TERNGRAD_CLAMP_SIGMA",
     "GradientQuantizer",
     "QuantizationStats",
+    "decode",
     "derive_seed",
+    "encode",
     "levels_for_bits",
     "quantize",
+    "resolve_levels",
     "shard_coordinate",
 ]
 
@@ -98,24 +69,7 @@ METHODS: tuple[str, ...] = ("stochastic", "qsgd", "terngrad", "sign")
 ROUNDINGS: tuple[str, ...] = ("stochastic", "nearest")
 TERNGRAD_CLAMP_SIGMA = 2.5
 QUANTILE_SAMPLES = 1024
-_TOPK_SAMPLES = 32  # below this many samples above the quantile, topk selects it faster than kthvalue
-
-DITHER_SPAN = 1 << 17
-DITHER_REFRESH = 32
-# elements per chunk and per thread on the CPU (1 MiB of float32: a core's L2 cache); measured on the benchmark
-# model, 2**17 and 2**20 were slower (more Python calls, cache misses)
-CHUNK_ELEMENTS = 1 << 18
-# on accelerators chunks only bound the size of the output scratch buffer (64 MiB of float32)
-_CHUNK_ELEMENTS_ACCELERATOR = 1 << 24
-_DITHER_SALT = 0x5D17
 _MASK64 = (1 << 64) - 1
-_GOLDEN64 = 0x9E3779B97F4A7C15
-
-try:  # DTensor is public from torch 2.4 on
-    from torch.distributed.tensor import DTensor, distribute_tensor
-except ImportError:  # pragma: no cover - torch builds without distributed support
-    DTensor = None  # type: ignore[assignment,misc]
-    distribute_tensor = None  # type: ignore[assignment]
 
 
 def derive_seed(*keys: int) -> int:
@@ -123,14 +77,12 @@ def derive_seed(*keys: int) -> int:
 
     Example::
 
-        >>> derive_seed(0, 1) == derive_seed(0, 1)
-        True
-        >>> derive_seed(0, 1) == derive_seed(1, 0)
-        False
+        >>> derive_seed(0, 1) == derive_seed(0, 1), derive_seed(0, 1) == derive_seed(1, 0)
+        (True, False)
     """
     state = 0
     for key in keys:
-        z = (state ^ (int(key) & _MASK64)) + _GOLDEN64 & _MASK64
+        z = (state ^ (int(key) & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
         z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9 & _MASK64
         z = (z ^ (z >> 27)) * 0x94D049BB133111EB & _MASK64
         state = z ^ (z >> 31)
@@ -148,6 +100,56 @@ def levels_for_bits(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
+def check_int(value: Any, name: str, low: int, high: Optional[int] = None) -> int:
+    """``value`` if it is an integer in ``[low, high]``; a ``TypeError``/``ValueError`` naming ``name`` otherwise."""
+    expected = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"Expected `{name}` to be {expected} but got {type(value).__name__}")
+    if value < low or (high is not None and value > high):
+        raise ValueError(f"Expected `{name}` to be {expected} but got {value!r}")
+    return value
+
+
+def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    """``value`` if it is one of ``choices``; a ``ValueError`` naming ``name`` otherwise."""
+    if value not in choices:
+        raise ValueError(f"Expected `{name}` to be one of {choices} but got {value!r}")
+    return value
+
+
+def _check_real(value: Any, name: str, expected: str, valid: bool) -> Optional[float]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"Expected `{name}` to be {expected} or None but got {type(value).__name__}")
+    if not valid:
+        raise ValueError(f"Expected `{name}` to be {expected} or None but got {value!r}")
+    return float(value)
+
+
+def resolve_levels(method: str, bits: Optional[int], levels: Optional[int]) -> int:
+    """Check ``method``, ``bits`` and ``levels`` together and return the levels on each side of zero.
+
+    ``bits`` (2 to 8, default 8) applies to ``"stochastic"``, and to ``"qsgd"`` as the default of ``levels``;
+    ``levels`` applies to ``"qsgd"`` only; ``"terngrad"`` and ``"sign"`` have one level and take neither.
+    ``GradientQuantization`` forwards its defaults ``bits=8`` and ``rounding="stochastic"`` whatever the method,
+    so those values count as not given.
+    """
+    check_choice(method, "method", METHODS)
+    if bits is not None:
+        check_int(bits, "bits", 2, 8)
+        if method in ("terngrad", "sign") and bits != 8:
+            raise ValueError(f"`bits` does not apply to method={method!r} (one level) but got bits={bits}")
+    if levels is not None:
+        check_int(levels, "levels", 1)
+        if method != "qsgd":
+            raise ValueError(f"`levels` applies to method='qsgd' only but got levels={levels} with method={method!r}")
+        if bits is not None and bits != 8:
+            raise ValueError(f"Expected at most one of `bits` and `levels` for 'qsgd' but got {bits} and {levels}")
+        return levels
+    return 1 if method in ("terngrad", "sign") else levels_for_bits(8 if bits is None else bits)
+
+
 def shard_coordinate(t: Tensor) -> tuple[int, ...]:
     """This rank's coordinate on the mesh dimensions along which the ``DTensor`` ``t`` is sharded; ``()`` for a
     plain tensor (and for replicated dimensions, so that replicas of a shard draw the same random numbers)."""
@@ -155,6 +157,60 @@ def shard_coordinate(t: Tensor) -> tuple[int, ...]:
         return ()
     coordinate = t.device_mesh.get_coordinate() or []
     return tuple(int(coordinate[d]) for d, placement in enumerate(t.placements) if placement.is_shard())
+
+
+def block_scales(blocks: Tensor, method: str) -> Tensor:
+    """The scale of each row of ``blocks``: ``max|x|`` (stochastic, terngrad), ``||x||`` (qsgd), ``mean|x|`` (sign).
+    NaN or Inf for a row that is not finite (or whose norm overflows)."""
+    if method == "qsgd":
+        return torch.linalg.vector_norm(blocks, dim=1)
+    if method == "sign":
+        return torch.linalg.vector_norm(blocks, 1, dim=1) / max(blocks.shape[1], 1)
+    return blocks.abs().amax(1)
+
+
+def encode(
+    blocks: Tensor,
+    method: str,
+    levels: int,
+    *,
+    scales: Optional[Tensor] = None,
+    generator: Optional[torch.Generator] = None,
+) -> tuple[Tensor, Tensor]:
+    """Integer codes in ``[-levels, levels]`` (a float tensor) and the scale of each row of the 2-D ``blocks``.
+
+    Args:
+        blocks: ``(rows, block length)`` values; each row has one scale.
+        method: one of ``METHODS``; ``"sign"`` codes are ``-1`` for negative values and ``+1`` otherwise.
+        levels: levels on each side of zero (1 for ``"terngrad"`` and ``"sign"``).
+        scales: per-row scales (default: :func:`block_scales` of ``blocks``).
+        generator: draws the dither of stochastic rounding, ``floor(y + u)`` with ``u`` uniform in ``[0, 1)``;
+            ``None``: round to nearest, ties to even.
+
+    Example::
+
+        >>> codes, scales = encode(torch.tensor([[0.5, -1.0, 0.26, 0.0]]), "stochastic", 1)
+        >>> codes, scales, decode(codes, scales, 1)
+        (tensor([[ 0., -1.,  0.,  0.]]), tensor([1.]), tensor([[ 0., -1.,  0.,  0.]]))
+    """
+    if scales is None:
+        scales = block_scales(blocks, method)
+    if method == "sign":
+        return torch.where(blocks < 0, -1.0, 1.0).to(blocks.dtype), scales
+    column = scales.unsqueeze(1)
+    # a zero row quantizes to zero with any scale: 1 avoids 0 / 0
+    y = blocks * (levels / torch.where(column > 0, column, 1.0))
+    if generator is None:
+        codes = y.round()
+    else:
+        codes = y.add_(torch.rand(y.shape, generator=generator, dtype=y.dtype, device=y.device)).floor_()
+    # |y| <= levels up to the rounding of the multiplier: the clamp keeps every code in range
+    return codes.clamp_(-levels, levels), scales
+
+
+def decode(codes: Tensor, scales: Tensor, levels: int) -> Tensor:
+    """The values of :func:`encode`'s ``codes``: ``codes * scale / levels`` per row (NaN where a scale is NaN)."""
+    return codes * (scales / levels).unsqueeze(1)
 
 
 @dataclass
@@ -179,166 +235,33 @@ class QuantizationStats:
         return self.clamped / self.numel.clamp(min=1)
 
 
-def _check_int(value: Any, name: str, low: int, high: Optional[int] = None) -> int:
-    expected = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"Expected `{name}` to be {expected} but got {type(value).__name__}")
-    if value < low or (high is not None and value > high):
-        raise ValueError(f"Expected `{name}` to be {expected} but got {value!r}")
-    return value
+class _Layout:
+    """Where the tensors of one group sit in its ``(blocks, block_size)`` view, and the index tensors built from
+    it once (a host-to-device copy per step would stall an accelerator)."""
 
-
-def _check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ValueError(f"Expected `{name}` to be one of {choices} but got {value!r}")
-    return value
-
-
-def _check_real(value: Any, name: str, expected: str, valid: bool) -> Optional[float]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"Expected `{name}` to be {expected} or None but got {type(value).__name__}")
-    if not valid:
-        raise ValueError(f"Expected `{name}` to be {expected} or None but got {value!r}")
-    return float(value)
-
-
-def _chunks(blocks: list[int], target: int) -> list[tuple[int, int, int, int]]:
-    """Split a layout into runs of whole tensors of at most ``target`` blocks (a larger tensor is a run of its
-    own): ``(first row, end row, first tensor, end tensor)`` of each run. Every tensor is in one run."""
-    chunks: list[tuple[int, int, int, int]] = []
-    r0 = i0 = rows = 0
-    for i, b in enumerate(blocks):
-        if rows > r0 and rows + b - r0 > target:
-            chunks.append((r0, rows, i0, i))
-            r0, i0 = rows, i
-        rows += b
-    if i0 < len(blocks):
-        chunks.append((r0, rows, i0, len(blocks)))
-    return chunks
-
-
-class _Chunk(NamedTuple):
-    """Views of the rows of one chunk (see ``CHUNK_ELEMENTS``) in its group's buffers, made with the layout."""
-
-    tensors: slice  # its tensors, in the group's order
-    x: Tensor
-    source: Tensor  # the quantizer's input: x, or y with error feedback
-    residual: Optional[Tensor]
-    q: Tensor  # where its quantized values go: y, or with error feedback the chunk-sized q rows of `work`
-    out: Tensor  # the gathered output rows
-    x_views: list[Tensor]
-    out_views: list[Tensor]
-    stats: tuple[Tensor, ...]  # its slices of the group's per-block statistics
-
-
-class _Group:
-    """The padded block layout of the tensors of one (device, dtype, shard) group, with its reusable buffers."""
-
-    def __init__(
-        self,
-        index: int,
-        names: list[str],
-        tensors: list[Tensor],
-        specs: list[Optional[tuple]],
-        shard: tuple[int, ...],
-        block_size: int,
-        with_residual: bool,
-        with_dither: bool,
-    ) -> None:
-        self.index = index
-        self.names = names
-        self.specs = specs
-        self.shard = shard
-        self.dtype = tensors[0].dtype
-        device = tensors[0].device
-        compute = torch.float64 if self.dtype == torch.float64 else torch.float32
-        sizes = [t.numel() for t in tensors]
-        blocks = [-(-n // block_size) for n in sizes]
-        self.num_blocks = sum(blocks)
-        self.numel_total = self.num_blocks * block_size
-        n = self.num_blocks
-        # runs of whole tensors that every pass goes through one after the other (see `CHUNK_ELEMENTS`)
-        per_chunk = CHUNK_ELEMENTS * torch.get_num_threads() if device.type == "cpu" else _CHUNK_ELEMENTS_ACCELERATOR
-        bounds = _chunks(blocks, max(per_chunk // block_size, 1))
-        self.chunk_sizes = [r1 - r0 for r0, r1, _, _ in bounds]
-        chunk_rows = max(self.chunk_sizes, default=0)
-        # the input x, the work buffer y, with error feedback the residual and the chunk's quantized values q, all
-        # rows of one buffer so that a single row gather picks each output row from any of them (index_select,
-        # several times faster than torch.where on the CPU). The padding stays zero: quantizing, clamping and
-        # subtracting zeros gives zeros.
-        self.work = torch.zeros(
-            (3 * n + chunk_rows) if with_residual else 2 * n, block_size, dtype=compute, device=device
-        )
-        self.x, self.y = self.work[:n], self.work[n : 2 * n]
-        self.residual = self.work[2 * n : 3 * n] if with_residual else None
-        # the gathered output rows of a chunk; its own buffer, as a gather may not write over its input
-        out = torch.empty(chunk_rows, block_size, dtype=compute, device=device)
-        # per block: amax, amin, L2 norm, L2 norm of the error, elements clamped, L1 norm (method "sign")
-        self.block_stats = torch.empty(6, n, dtype=compute, device=device)
-        shapes = [t.shape for t in tensors]
-        self.x_views = self._views(self.x, sizes, blocks, shapes)
-        self.residual_views = self._views(self.residual, sizes, blocks, shapes) if with_residual else []
-        self.chunks = [
-            _Chunk(
-                slice(i0, i1),
-                self.x[r0:r1],
-                (self.y if with_residual else self.x)[r0:r1],
-                self.residual[r0:r1] if self.residual is not None else None,
-                self.work[3 * n :][: r1 - r0] if with_residual else self.y[r0:r1],
-                out[: r1 - r0],
-                self.x_views[i0:i1],
-                self._views(out[: r1 - r0], sizes[i0:i1], blocks[i0:i1], shapes[i0:i1]),
-                self.block_stats[:, r0:r1].unbind(),
-            )
-            for r0, r1, i0, i1 in bounds
-        ]
-        # the row of `work` that holds a block's quantized value: in y, or with error feedback in q
-        row_start = [r0 for r0, r1, _, _ in bounds for _ in range(r0, r1)]
-        quantized = [3 * n + r - r0 for r, r0 in enumerate(row_start)] if with_residual else range(n, 2 * n)
-        self.quantized_rows = device_tensor(quantized, dtype=torch.long, device=device)
+    def __init__(self, shapes: list[torch.Size], block_size: int, device: torch.device, dtype: torch.dtype) -> None:
+        self.shapes = shapes
+        self.sizes = [math.prod(s) for s in shapes]
+        self.block_size = block_size
+        blocks = [-(-n // block_size) for n in self.sizes]
+        self.rows = sum(blocks)
         starts = [0]
         for b in blocks[:-1]:
             starts.append(starts[-1] + b * block_size)
-        segment = [i for i, b in enumerate(blocks) for _ in range(b)]
-        self.segment = device_tensor(segment, dtype=torch.long, device=device)
-        self.segments = Segments(blocks, device)  # each tensor's blocks
-        self.rows = torch.arange(self.num_blocks, device=device)
-        self.starts = device_tensor(starts, dtype=torch.long, device=device)
-        self.last_offset = device_tensor([max(n - 1, 0) for n in sizes], dtype=torch.long, device=device)
-        self.numel = device_tensor(sizes, dtype=compute, device=device)
-        self.dither_span = min(self.numel_total, DITHER_SPAN)
-        table_size = self.numel_total + self.dither_span if with_dither else 0
-        self.dither_table = torch.empty(table_size, dtype=compute, device=device)
-        self.dither_slice = -(-table_size // DITHER_REFRESH)
-        self.dither_step: Optional[int] = None  # the step the table was last brought up to
-        self.zero = torch.zeros((), dtype=compute, device=device)
+        self.segment = torch.tensor([i for i, b in enumerate(blocks) for _ in range(b)], dtype=torch.long).to(device)
+        self.starts = torch.tensor(starts).to(device)
+        self.numel = torch.tensor(self.sizes, dtype=dtype).to(device)
 
-    @staticmethod
-    def _views(buffer: Tensor, sizes: list[int], blocks: list[int], shapes: list[torch.Size]) -> list[Tensor]:
-        pieces = buffer.view(-1).split([b * buffer.shape[1] for b in blocks])
-        return [piece[:n].view(shape) for piece, n, shape in zip(pieces, sizes, shapes)]
-
-    def per_tensor(self, per_block: Tensor, reduce: Literal["sum", "max"] = "sum") -> Tensor:
-        # deterministic on every device: ranks must agree bitwise (see Segments)
-        return self.segments.reduce(per_block.to(self.numel.dtype), reduce)
+    def views(self, buffer: Tensor) -> list[Tensor]:
+        pieces = buffer.view(-1).split([-(-n // self.block_size) * self.block_size for n in self.sizes])
+        return [piece[:n].view(shape) for piece, n, shape in zip(pieces, self.sizes, self.shapes)]
 
     def per_block(self, per_tensor: Tensor) -> Tensor:
         return per_tensor.index_select(0, self.segment)
 
-    def dither(self, step: int, keys: tuple[int, ...], generator: torch.Generator) -> Tensor:
-        """The step's dither, ``(num_blocks, block_size)`` uniform values in ``[-1/2, 1/2)``: the table (redrawn
-        one slice per step) read at an offset drawn from ``(step, keys)``."""
-        last = self.dither_step
-        first = step - DITHER_REFRESH + 1 if last is None or not 0 <= step - last < DITHER_REFRESH else last + 1
-        for t in range(first, step + 1):  # one slice per step; all of them when the table is new or stale
-            part = self.dither_table[(t % DITHER_REFRESH) * self.dither_slice :][: self.dither_slice]
-            generator.manual_seed(derive_seed(_DITHER_SALT, t, *keys))
-            part.uniform_(-0.5, 0.5, generator=generator)
-        self.dither_step = step
-        offset = derive_seed(_DITHER_SALT, -1, step, *keys) % (self.dither_span + 1)
-        return self.dither_table[offset : offset + self.numel_total].view(self.x.shape)
+
+def _norms(tensors: list[Tensor], ord: float = 2.0) -> Tensor:
+    return torch.stack(torch._foreach_norm(tensors, ord))
 
 
 class GradientQuantizer:
@@ -347,24 +270,24 @@ class GradientQuantizer:
     Args:
         method: ``"stochastic"`` (blockwise k-bit), ``"qsgd"``, ``"terngrad"`` or ``"sign"`` (see the module
             docstring for the formulas).
-        bits: code width of ``"stochastic"``, 2 to 8: ``2**(bits-1) - 1`` levels on each side of zero.
+        bits: code width of ``"stochastic"``, 2 to 8 (default 8); for ``"qsgd"`` the default of ``levels``.
         levels: ``s``, the number of levels of ``"qsgd"`` (default: ``2**(bits-1) - 1``); only for ``"qsgd"``.
         block_size: elements per block (``"stochastic"``: one scale per block; ``"qsgd"``: the bucket of the norm).
-        rounding: ``"stochastic"`` (unbiased) or ``"nearest"`` (deterministic, ties to even); not for ``"sign"``.
+        rounding: ``"stochastic"`` (unbiased, the default) or ``"nearest"`` (deterministic, ties to even); not for
+            ``"sign"``.
         error_feedback: carry the residual ``p - Q(p)`` to the next call. Default: on for ``"sign"`` (where it
             cannot be turned off), off otherwise.
         clamp_sigma: clamp ``|g|`` per tensor to ``clamp_sigma`` times its root mean square before quantizing.
             Default: 2.5 for ``"terngrad"`` (its clipping step), none otherwise.
-        clamp_quantile: clamp ``|g|`` per tensor to this quantile of ``|g|`` in ``(0, 1]`` (estimated from
-            ``QUANTILE_SAMPLES`` random elements per tensor) instead; exclusive with ``clamp_sigma``.
+        clamp_quantile: clamp ``|g|`` per tensor to this quantile of ``|g|`` in ``(0, 1]`` instead; exclusive with
+            ``clamp_sigma``.
         seed: base seed of the random draws; the draws of a call depend only on ``(seed, step, stream)``.
 
     Raises:
-        TypeError, ValueError: for arguments of the wrong type or out of range.
+        TypeError, ValueError: for arguments of the wrong type, out of range, or that do not apply to ``method``.
 
     Example::
 
-        >>> import torch
         >>> quantizer = GradientQuantizer("sign")
         >>> grads = [torch.tensor([0.5, -1.0, 0.25, 2.0])]
         >>> stats = quantizer.quantize_(grads, step=0)
@@ -377,28 +300,23 @@ class GradientQuantizer:
     def __init__(
         self,
         method: Method = "stochastic",
-        bits: int = 8,
+        bits: Optional[int] = None,
         levels: Optional[int] = None,
         block_size: int = 2048,
-        rounding: Rounding = "stochastic",
+        rounding: Optional[Rounding] = None,
         error_feedback: Optional[bool] = None,
         clamp_sigma: Optional[float] = None,
         clamp_quantile: Optional[float] = None,
         seed: int = 0,
     ) -> None:
-        self.method = _check_choice(method, "method", METHODS)
-        self.bits = _check_int(bits, "bits", 2, 8)
-        if levels is not None:
-            _check_int(levels, "levels", 1)
-            if method != "qsgd":
-                raise ValueError(
-                    f"`levels` applies to method='qsgd' only but got levels={levels} with method={method!r}"
-                )
-        self.levels = levels if levels is not None else (1 if method == "terngrad" else levels_for_bits(bits))
-        self.block_size = _check_int(block_size, "block_size", 1)
-        self.rounding = _check_choice(rounding, "rounding", ROUNDINGS)
-        if method == "sign" and rounding != "stochastic":
-            raise ValueError(f"method='sign' has no rounding step but got rounding={rounding!r}")
+        self.levels = resolve_levels(method, bits, levels)
+        self.method = method
+        self.block_size = check_int(block_size, "block_size", 1)
+        if rounding is not None:
+            check_choice(rounding, "rounding", ROUNDINGS)
+            if method == "sign" and rounding != "stochastic":
+                raise ValueError(f"method='sign' has no rounding step but got rounding={rounding!r}")
+        self.rounding = rounding or "stochastic"
         if error_feedback is not None and not isinstance(error_feedback, bool):
             raise TypeError(f"Expected `error_feedback` to be a bool or None but got {type(error_feedback).__name__}")
         if method == "sign" and error_feedback is False:
@@ -414,12 +332,13 @@ class GradientQuantizer:
             )
         if method == "terngrad" and self.clamp_sigma is None and self.clamp_quantile is None:
             self.clamp_sigma = TERNGRAD_CLAMP_SIGMA
-        self.seed = _check_int(seed, "seed", 0)
-        self._layouts: dict[int, tuple[tuple, list[_Group]]] = {}
+        self.seed = check_int(seed, "seed", 0)
+        self._layouts: dict[tuple[int, int], tuple[tuple, _Layout]] = {}  # (stream, group) -> (signature, layout)
+        self._residuals: dict[int, dict[str, Tensor]] = {}  # stream -> name -> local residual (compute dtype)
+        self._specs: dict[int, dict[str, Optional[tuple]]] = {}  # stream -> name -> DTensor spec of the gradient
         self._pending: dict[int, dict[str, Tensor]] = {}  # residuals loaded from a checkpoint, full tensors
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    # ------------------------------------------------------------------------------------------------------------
     def quantize_(
         self,
         tensors: Sequence[Optional[Tensor]],
@@ -431,234 +350,123 @@ class GradientQuantizer:
         """Quantize ``tensors`` in place (``DTensor``: the local shard); return the step's statistics.
 
         Args:
-            tensors: gradients; ``None`` entries are skipped.
+            tensors: gradients; ``None`` entries are skipped (their residuals are dropped).
             step: the training step: with ``seed`` and ``stream`` it determines every random draw.
             names: a name per tensor, the key of its residual (default: the position, as a string).
             stream: tells apart several calls per step (e.g. one per optimizer): own draws, own residuals.
         """
         names = [str(i) for i in range(len(tensors))] if names is None else list(names)
         items = [(n, t, as_local_tensor(t)) for n, t in zip(names, tensors) if t is not None]
-        groups = self._groups_for(stream, items)
-        locals_ = [local for _, _, local in items]
+        groups: dict[tuple, list[int]] = {}
+        for i, (_, t, local) in enumerate(items):
+            groups.setdefault((local.device, local.dtype, shard_coordinate(t)), []).append(i)
+        old, pending = self._residuals.pop(stream, {}), self._pending.pop(stream, {})
+        residuals = self._residuals[stream] = {}
+        self._specs[stream] = {n: _spec(t) for n, t, _ in items}
         parts = []
-        for group, idx in groups:
-            generator = self._generator(group.x.device)
-            keys = (self.seed, stream, group.index, *group.shard)
-            parts.append(self._quantize_group(group, [locals_[i] for i in idx], step, keys, generator))
-        device = locals_[0].device if locals_ else torch.device("cpu")
+        for index, (key, idx) in enumerate(groups.items()):
+            group_names, locals_ = [items[i][0] for i in idx], [items[i][2] for i in idx]
+            if self.error_feedback:
+                carried = [_carried(n, old, pending, self._specs[stream][n], t) for n, t in zip(group_names, locals_)]
+            layout = self._layout(stream, index, locals_)
+            generator = self._generators.setdefault(key[0], torch.Generator(device=key[0]))
+            generator.manual_seed(derive_seed(self.seed, step, stream, index, *key[2]))
+            stats, new = self._quantize_group(layout, locals_, carried if self.error_feedback else None, generator)
+            if new is not None:
+                residuals.update(zip(group_names, layout.views(new)))
+            parts.append(stats)
+        device = items[0][2].device if items else torch.device("cpu")
         totals = sum((p.to(device, torch.float32) for p in parts), torch.zeros(4, device=device))
         return QuantizationStats(*totals.unbind())
+
+    def _layout(self, stream: int, index: int, tensors: list[Tensor]) -> _Layout:
+        signature = tuple((t.shape, t.dtype, t.device) for t in tensors)
+        cached = self._layouts.get((stream, index))
+        if cached is None or cached[0] != signature:
+            compute = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
+            layout = _Layout([t.shape for t in tensors], self.block_size, tensors[0].device, compute)
+            self._layouts[(stream, index)] = cached = (signature, layout)
+        return cached[1]
+
+    def _quantize_group(
+        self, layout: _Layout, tensors: list[Tensor], carried: Optional[list[Optional[Tensor]]], generator: Any
+    ) -> tuple[Tensor, Optional[Tensor]]:
+        """One group, in place: ``[error_sq, input_sq, clamped, numel]`` and the new residual buffer (``None``
+        without error feedback). No host reads."""
+        compute = layout.numel.dtype
+        x = torch.zeros(layout.rows, self.block_size, dtype=compute, device=tensors[0].device)
+        if layout.rows == 0:  # only empty shards (FSDP2 with fewer rows than ranks): nothing to quantize
+            return torch.zeros(4, dtype=compute, device=x.device), (x if carried is not None else None)
+        torch._foreach_copy_(layout.views(x), tensors)
+        residual = torch.zeros_like(x) if carried is not None else None
+        if carried is not None:
+            pairs = [(view, r) for view, r in zip(layout.views(residual), carried) if r is not None]
+            if pairs:
+                torch._foreach_copy_(*map(list, zip(*pairs)))
+        p = x + residual if residual is not None else x.clone()
+        norms = _norms(layout.views(p)).to(compute)
+        ok_tensor = torch.isfinite(norms)
+        ok = layout.per_block(ok_tensor).unsqueeze(1)
+        clamped = torch.zeros((), dtype=compute, device=x.device)
+        bound = self._outlier_bound(layout, norms, p, generator)
+        if bound is not None:
+            # non-finite tensors get an infinite bound: clamping leaves them as they are
+            bound = layout.per_block(torch.where(ok_tensor, bound, math.inf)).unsqueeze(1)
+            clamped = torch.where(ok, p.abs() > bound, False).sum().to(compute)
+            p = torch.minimum(torch.maximum(p, -bound), bound)
+            norms = _norms(layout.views(p)).to(compute)
+        scales = None
+        if self.method == "terngrad":  # one scale per tensor: its largest element after clipping
+            scales = layout.per_block(_norms(layout.views(p), math.inf).to(compute))
+        elif self.method == "sign":  # one scale per tensor: its mean |p|
+            scales = layout.per_block(_norms(layout.views(p), 1.0).to(compute) / layout.numel.clamp(min=1))
+        dither = generator if self.rounding == "stochastic" and self.method != "sign" else None
+        codes, scales = encode(p, self.method, self.levels, scales=scales, generator=dither)
+        q = decode(codes, scales, self.levels)
+        if tensors[0].dtype != compute:
+            q = q.to(tensors[0].dtype).to(compute)  # the residual and the error refer to what the optimizer sees
+        torch._foreach_copy_(tensors, layout.views(torch.where(ok, q, x)))
+        error = p.sub_(q)
+        errors = _norms(layout.views(error)).to(compute)
+        squares = torch.where(ok_tensor, torch.stack([errors, norms]).square(), 0.0).sum(1)
+        quantized = (layout.numel * ok_tensor).sum()
+        stats = torch.cat([squares, clamped.view(1), quantized.view(1)])
+        return stats, (torch.where(ok, error, residual) if residual is not None else None)
+
+    def _outlier_bound(self, layout: _Layout, norms: Tensor, p: Tensor, generator: Any) -> Optional[Tensor]:
+        """Per-tensor bound on ``|p|``, or ``None`` without an outlier bound."""
+        if self.clamp_sigma is not None:
+            return self.clamp_sigma * norms / layout.numel.clamp(min=1).sqrt()
+        if self.clamp_quantile is None:
+            return None
+        count = layout.numel.shape[0]
+        u = torch.rand(count, QUANTILE_SAMPLES, generator=generator, dtype=torch.float64, device=p.device)
+        last = (layout.numel.long() - 1).clamp(min=0).unsqueeze(1)
+        offsets = torch.minimum((u * layout.numel.unsqueeze(1)).long(), last)  # u * n may round up to n
+        # an empty tensor at the end of the buffer starts past its last element: its (unused) samples stay inside
+        index = (layout.starts.unsqueeze(1) + offsets).clamp(max=max(p.numel() - 1, 0))
+        samples = p.view(-1).index_select(0, index.view(-1)).view(count, QUANTILE_SAMPLES).abs()
+        return samples.kthvalue(max(1, math.ceil(self.clamp_quantile * QUANTILE_SAMPLES)), dim=1).values
 
     def residuals(self, stream: int = 0) -> dict[str, Tensor]:
         """Copies of the error-feedback residuals of ``stream`` (local shards), by tensor name."""
         out = {name: t.clone() for name, t in self._pending.get(stream, {}).items()}
-        out.update(self._layout_residuals(stream))
+        out.update({name: t.clone() for name, t in self._residuals.get(stream, {}).items()})
         return out
-
-    def _layout_residuals(self, stream: int) -> dict[str, Tensor]:
-        groups = self._layouts[stream][1] if stream in self._layouts else []
-        return {name: view.clone() for group, _ in groups for name, view in zip(group.names, group.residual_views)}
 
     def state_dict(self) -> dict[str, Any]:
         """``seed`` and the residuals as full tensors by stream and name. Under FSDP2 the shards are gathered (a
         collective: call it on every rank, as Lightning does when it saves a checkpoint)."""
         residuals: dict[int, dict[str, Tensor]] = {s: dict(p) for s, p in self._pending.items()}
-        for stream, (_, groups) in self._layouts.items():
-            for group, _ in groups:
-                views = zip(group.names, group.residual_views, group.specs)
-                residuals.setdefault(stream, {}).update({name: _full_tensor(v, spec) for name, v, spec in views})
+        for stream, by_name in self._residuals.items():
+            specs = self._specs[stream]
+            residuals.setdefault(stream, {}).update({n: _full_tensor(r, specs[n]) for n, r in by_name.items()})
         return {"seed": self.seed, "residuals": residuals}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.seed = int(state_dict.get("seed", self.seed))
         self._pending = {int(s): dict(r) for s, r in state_dict.get("residuals", {}).items()}
-        self._layouts.clear()  # rebuilt at the next call, importing the loaded residuals
-
-    # ------------------------------------------------------------------------------------------------------------
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if device not in self._generators:
-            self._generators[device] = torch.Generator(device=device)
-        return self._generators[device]
-
-    def _groups_for(self, stream: int, items: list[tuple[str, Tensor, Tensor]]) -> list[tuple[_Group, list[int]]]:
-        """The cached layout of ``stream``, rebuilt (carrying the residuals by name) when the tensors change.
-        ``items``: (name, tensor, local shard)."""
-        keys = [(local.device, local.dtype, shard_coordinate(t)) for _, t, local in items]
-        signature = tuple((n, tuple(local.shape), k) for (n, _, local), k in zip(items, keys))
-        cached = self._layouts.get(stream)
-        if cached is not None and cached[0] == signature:
-            return cached[1]
-        carried = self._layout_residuals(stream)
-        pending = self._pending.pop(stream, {})
-        members: dict[tuple, list[int]] = {}
-        for i, key in enumerate(keys):
-            members.setdefault(key, []).append(i)
-        groups = []
-        for index, (key, idx) in enumerate(members.items()):
-            group = _Group(
-                index,
-                [items[i][0] for i in idx],
-                [items[i][2] for i in idx],
-                [_spec(items[i][1]) for i in idx],
-                key[2],
-                self.block_size,
-                with_residual=self.error_feedback,
-                with_dither=self.rounding == "stochastic" and self.method != "sign",
-            )
-            if self.error_feedback:
-                _import_residuals(group, carried, pending)
-            groups.append((group, idx))
-        self._layouts[stream] = (signature, groups)
-        return groups
-
-    def _quantize_group(
-        self, group: _Group, tensors: list[Tensor], step: int, keys: tuple[int, ...], generator: torch.Generator
-    ) -> Tensor:
-        """One group: ``[error_sq, input_sq, clamped, numel]`` as a device vector. No host reads. ``keys``
-        (seed, stream, group, shard coordinate) and ``step`` determine every random draw.
-
-        Two passes over the chunks (see ``CHUNK_ELEMENTS``): the first copies the input in and takes the per-block
-        statistics, the second, once the per-tensor decisions (finite or not, outlier bound, scales) are made,
-        quantizes, gathers the output rows and copies them out, each chunk while it is in the cache."""
-        x, residual = group.x, group.residual
-        if group.num_blocks == 0:  # only empty shards (FSDP2 with fewer rows than ranks): nothing to quantize
-            return torch.zeros(4, dtype=x.dtype, device=x.device)
-        source = x if residual is None else group.y  # with error feedback y holds the quantizer's input p = g + e
-        amax, amin, norms, error, over, l1 = group.block_stats.unbind()
-        # the largest |p| of each block scales "stochastic" and "terngrad"; the others only need to know whether a
-        # block is finite, which its norm tells (NaN or Inf when an element is, or when its square sum overflows)
-        with_absmax = self.method in ("stochastic", "terngrad")
-        sample_index = self._sample_index(group, step, keys, generator)
-        if sample_index is not None:
-            samples = torch.empty(sample_index.shape, dtype=x.dtype, device=x.device)
-        for chunk in group.chunks:
-            torch._foreach_copy_(chunk.x_views, tensors[chunk.tensors])
-            if chunk.residual is not None:
-                torch.add(chunk.x, chunk.residual, out=chunk.source)
-            if with_absmax:
-                torch.amax(chunk.source, 1, out=chunk.stats[0])
-                torch.amin(chunk.source, 1, out=chunk.stats[1])
-            torch.linalg.vector_norm(chunk.source, dim=1, out=chunk.stats[2])
-            if self.method == "sign":
-                torch.linalg.vector_norm(chunk.source, 1, dim=1, out=chunk.stats[5])
-            if sample_index is not None:  # gathered while the chunk is in the cache (the positions are random)
-                index, out = sample_index[chunk.tensors], samples[chunk.tensors]
-                torch.index_select(source.view(-1), 0, index.view(-1), out=out.view(-1))
-        absmax = torch.maximum(amax, amin.neg()) if with_absmax else group.zero
-        bad_blocks = ~torch.isfinite(absmax + norms)  # both are >= 0: the sum is finite iff both are
-        ok_tensor = group.per_tensor(bad_blocks) == 0
-        ok = group.per_block(ok_tensor)
-        bound = self._outlier_bound(group, norms, samples if sample_index is not None else None)
-        bounds: list[Optional[Tensor]] = [None] * len(group.chunks)
-        if bound is not None:
-            # non-finite tensors get an infinite bound: clamping leaves them bitwise as they are
-            bound = group.per_block(torch.where(ok_tensor, bound, torch.full_like(bound, math.inf))).unsqueeze(1)
-            bounds = list(bound.split(group.chunk_sizes))
-            if with_absmax:
-                absmax = torch.minimum(absmax, bound.squeeze(1))  # the largest |p| after clamping, exactly
-            else:  # qsgd and sign scale by norms of the clamped input: clamp first, in a pass of its own
-                for chunk, chunk_bound in zip(group.chunks, bounds):
-                    self._clamp_chunk(chunk, chunk_bound)
-                bounds = [None] * len(group.chunks)
-        multiplier, rescale = self._scales(group, absmax, norms, l1)
-        # each output row: the quantized value where the tensor is finite, the input (bitwise) elsewhere
-        out_rows = torch.where(ok, group.quantized_rows, group.rows).split(group.chunk_sizes)
-        if residual is not None:
-            # the new residual: p - Q(p) (computed in y) where quantized, the old one elsewhere
-            n = group.num_blocks
-            residual_rows = torch.where(ok, group.rows + n, group.rows + 2 * n).split(group.chunk_sizes)
-        with_dither = self.rounding == "stochastic" and self.method != "sign"
-        dithers = group.dither(step, keys, generator).split(group.chunk_sizes) if with_dither else None
-        per_chunk = zip(group.chunks, bounds, multiplier.split(group.chunk_sizes), rescale.split(group.chunk_sizes))
-        for c, (chunk, chunk_bound, chunk_multiplier, chunk_rescale) in enumerate(per_chunk):
-            if chunk_bound is not None:
-                self._clamp_chunk(chunk, chunk_bound)
-            q = chunk.q
-            if self.method == "sign":
-                torch.sign(chunk.source, out=q).mul_(chunk_multiplier)
-            else:
-                if dithers is not None:
-                    torch.addcmul(dithers[c], chunk.source, chunk_multiplier, out=q)
-                else:
-                    torch.mul(chunk.source, chunk_multiplier, out=q)
-                q.round_().mul_(chunk_rescale)
-            if group.dtype != q.dtype:
-                q.copy_(q.to(group.dtype))  # the residual and the error refer to what the optimizer will see
-            torch.index_select(group.work, 0, out_rows[c], out=chunk.out)
-            torch._foreach_copy_(tensors[chunk.tensors], chunk.out_views)
-            # p - Q(p), over the input's rows (no longer needed)
-            torch.linalg.vector_norm(chunk.source.sub_(q), dim=1, out=chunk.stats[3])
-            if chunk.residual is not None:
-                torch.index_select(group.work, 0, residual_rows[c], out=chunk.out)
-                chunk.residual.copy_(chunk.out)
-        squares = torch.where(ok, torch.stack([error, norms]).square(), group.zero).sum(1)
-        clamped = torch.where(ok, over, group.zero).sum() if bound is not None else group.zero
-        return torch.cat([squares, clamped.view(1), (group.numel * ok_tensor).sum().view(1)])
-
-    def _clamp_chunk(self, chunk: _Chunk, bound: Tensor) -> None:
-        """Clamp the input of ``chunk`` to ``bound``; count what is clamped and take the norms again."""
-        _clamp_(chunk.source, bound, scratch=chunk.out, over=chunk.stats[4])
-        torch.linalg.vector_norm(chunk.source, dim=1, out=chunk.stats[2])
-        if self.method == "sign":
-            torch.linalg.vector_norm(chunk.source, 1, dim=1, out=chunk.stats[5])
-
-    def _sample_index(
-        self, group: _Group, step: int, keys: tuple[int, ...], generator: torch.Generator
-    ) -> Optional[Tensor]:
-        """For ``clamp_quantile``: ``(tensors, QUANTILE_SAMPLES)`` random positions in the buffer, each in its
-        tensor (``None`` without ``clamp_quantile``)."""
-        if self.clamp_quantile is None:
-            return None
-        count = group.numel.shape[0]
-        generator.manual_seed(derive_seed(step, *keys))
-        u = torch.rand(count, QUANTILE_SAMPLES, generator=generator, dtype=torch.float64, device=group.x.device)
-        offsets = torch.minimum((u * group.numel.unsqueeze(1)).long(), group.last_offset.unsqueeze(1))
-        # an empty tensor at the end of the buffer starts past its last element: its (unused) samples stay inside
-        return (group.starts.unsqueeze(1) + offsets).clamp(max=group.numel_total - 1)
-
-    def _outlier_bound(self, group: _Group, norms: Tensor, samples: Optional[Tensor]) -> Optional[Tensor]:
-        """Per-tensor bound on ``|g|`` (or ``None`` when no outlier bound is configured); ``samples``: the values at
-        the positions of :meth:`_sample_index`."""
-        if self.clamp_sigma is not None:
-            rms = (group.per_tensor(norms.square()) / group.numel.clamp(min=1)).sqrt()
-            return self.clamp_sigma * rms
-        if samples is None:
-            return None
-        samples = samples.abs_()
-        k = max(1, math.ceil(self.clamp_quantile * QUANTILE_SAMPLES))
-        if QUANTILE_SAMPLES - k < _TOPK_SAMPLES:  # a quantile near 1: a partial sort of the few largest is faster
-            return samples.topk(QUANTILE_SAMPLES - k + 1, dim=1).values[:, -1]
-        return samples.kthvalue(k, dim=1).values
-
-    def _scales(self, group: _Group, absmax: Tensor, norms: Tensor, l1: Tensor) -> tuple[Tensor, Tensor]:
-        """Per-block ``(multiplier, rescale)``, shape ``(num_blocks, 1)``: ``Q(p) = round(p * multiplier (+ dither))
-        * rescale``; for ``"sign"``, ``Q(p) = sign(p) * multiplier`` (``rescale`` unused). Statistics of the input
-        after the outlier bound."""
-        if self.method == "sign":
-            mean_abs = group.per_tensor(l1) / group.numel.clamp(min=1)
-            multiplier = group.per_block(mean_abs).unsqueeze(1)
-            return multiplier, multiplier  # rescale: unused
-        if self.method == "stochastic":
-            scale = absmax
-        elif self.method == "qsgd":
-            scale = norms
-        else:  # terngrad: one scale per tensor, the largest element after clipping
-            scale = group.per_block(group.per_tensor(absmax, "max"))
-        # zero blocks quantize to zero with any scale; blocks that are not finite are not copied out
-        scale = torch.where(scale > 0, scale, 1.0).unsqueeze(1)
-        return self.levels / scale, scale / self.levels
-
-
-def _clamp_(source: Tensor, bound: Tensor, scratch: Tensor, over: Tensor) -> None:
-    """Clamp ``source`` to ``[-bound, bound]`` in place; write the number of elements clamped in each block to
-    ``over``.
-
-    ``minimum``/``maximum`` and a float count in a scratch buffer: ``clamp`` with tensor bounds and boolean sums
-    are several times slower on the CPU.
-    """
-    torch.sum(torch.gt(torch.abs(source, out=scratch), bound, out=scratch), 1, out=over)
-    torch.minimum(source, bound, out=source)
-    torch.maximum(source, -bound, out=source)
+        self._residuals.clear()  # the loaded ones are imported at the next call, sliced to this rank's shard
 
 
 def _spec(t: Tensor) -> Optional[tuple]:
@@ -675,26 +483,23 @@ def _full_tensor(local: Tensor, spec: Optional[tuple]) -> Tensor:
     return DTensor.from_local(local, mesh, placements, shape=shape, stride=stride).full_tensor()
 
 
-def _import_residuals(group: _Group, carried: dict[str, Tensor], pending: dict[str, Tensor]) -> None:
-    """Fill a new group's residuals: local tensors carried from the previous layout, or full tensors loaded from a
-    checkpoint (sliced to this rank's shard; a collective under FSDP2, taken by every rank at the same step)."""
-    for name, view, spec in zip(group.names, group.residual_views, group.specs):
-        if name in carried:
-            value = carried[name]
-        elif name in pending:
-            value = pending[name].to(view.device)
-            if spec is not None:
-                mesh, placements, _, _ = spec
-                value = distribute_tensor(value, mesh, list(placements)).to_local()
-        else:
-            continue
-        if value.shape != view.shape:
-            warnings.warn(
-                f"GradientQuantizer: the saved residual of {name!r} has shape {tuple(value.shape)} but the gradient"
-                f" has shape {tuple(view.shape)}; its error feedback restarts from zero."
-            )
-            continue
-        view.copy_(value)
+def _carried(
+    name: str, old: dict[str, Tensor], pending: dict[str, Tensor], spec: Optional[tuple], local: Tensor
+) -> Optional[Tensor]:
+    """The residual of ``name`` for this call: the last call's, or a full tensor loaded from a checkpoint sliced to
+    this rank's shard (a collective under FSDP2, taken by every rank in the same order); ``None`` if there is none."""
+    value = old.get(name)
+    if value is None and name in pending:
+        value = pending[name].to(local.device)
+        if spec is not None:
+            value = distribute_tensor(value, spec[0], list(spec[1])).to_local()
+    if value is not None and value.shape != local.shape:
+        warnings.warn(
+            f"GradientQuantizer: the saved residual of {name!r} has shape {tuple(value.shape)} but the gradient has"
+            f" shape {tuple(local.shape)}; its error feedback restarts from zero."
+        )
+        return None
+    return value
 
 
 def quantize(tensor: Tensor, method: Method = "stochastic", *, step: int = 0, **options: Any) -> Tensor:
@@ -708,7 +513,6 @@ def quantize(tensor: Tensor, method: Method = "stochastic", *, step: int = 0, **
 
     Example::
 
-        >>> import torch
         >>> quantize(torch.tensor([0.5, -1.0, 0.26, 0.0]), bits=2, rounding="nearest")
         tensor([ 0., -1.,  0.,  0.])
         >>> quantize(torch.tensor([0.5, -1.0, 0.26, 0.0]), bits=3, rounding="nearest")
