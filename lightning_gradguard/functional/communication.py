@@ -1,0 +1,393 @@
+"""Compressed DDP communication: a gradient all-reduce that sends low-bit codes instead of float32 values.
+
+Per bucket, on every rank (the two hops of ZeRO++ qgZ, Wang et al. 2023):
+
+1. ``p = g + e``: the local bucket plus this rank's error-feedback residual, quantized blockwise with
+   :func:`~lightning_gradguard.functional.quantization.encode` (one float32 scale per block).
+2. All-to-all: the bucket is cut into one chunk per rank; rank ``j`` receives every rank's codes for chunk ``j``.
+3. Rank ``j`` decodes and sums its chunk, quantizes the sum once, and an all-gather sends these codes to every
+   rank. All ranks decode the same bits (replicas stay bitwise identical) and divide by the world size.
+
+Error feedback (Karimireddy et al. 2019, on both hops as in DoubleSqueeze, Tang et al. 2019): the first hop's error
+``p - Q(p)`` and, on the rank that owns a chunk, the second hop's error ``S - Q(S)`` go into that rank's residual;
+over ``T`` steps the sum of the averaged gradients times the world size equals the sum of all ranks' gradients
+minus the sum of all ranks' residuals.
+
+Non-finite gradients: a block with a NaN or Inf is sent with a NaN scale, so the averaged bucket is NaN there on
+every rank, and each rank's flag travels with its second-hop codes (:attr:`CommStats.nonfinite_ranks`). A bucket
+whose reduction is not finite leaves every rank's residual as it was.
+
+Codes are packed densely: ``bits`` per element for ``"stochastic"``, ``ceil(log2(2 * levels + 1))`` for ``"qsgd"``,
+2 for ``"terngrad"``, 1 for ``"sign"``. Every per-step decision is taken on the device; the byte counts are known
+from the sizes on the host. DDP only; FSDP2 is out of scope (its reduce-scatter has no DDP-style hook).
+"""
+
+import math
+import warnings
+from typing import Any, NamedTuple, Optional
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from lightning_gradguard.functional.quantization import (
+    TERNGRAD_CLAMP_SIGMA,
+    Method,
+    block_scales,
+    check_int,
+    decode,
+    derive_seed,
+    encode,
+    resolve_levels,
+)
+
+__all__ = ["CommStats", "QuantizedCommState", "pack_codes", "quantized_allreduce_hook", "unpack_codes"]
+
+
+def pack_codes(codes: Tensor, width: int) -> Tensor:
+    """Pack unsigned codes (``uint8`` below ``2**width``, a multiple of 8 of them) into ``width`` bits each.
+
+    Example::
+
+        >>> packed = pack_codes(torch.tensor([1, 0, 3, 2, 0, 1, 1, 3], dtype=torch.uint8), 2)
+        >>> packed, unpack_codes(packed, 2)
+        (tensor([ 49, 214], dtype=torch.uint8), tensor([1, 0, 3, 2, 0, 1, 1, 3], dtype=torch.uint8))
+    """
+    if width == 8:
+        return codes
+    shifts = torch.arange(8, device=codes.device)
+    # 8 codes fill `width` bytes; their bit fields are disjoint, so the sum is their bitwise or
+    words = (codes.view(-1, 8).long() << (width * shifts)).sum(1, keepdim=True)
+    return ((words >> (8 * shifts[:width])) & 0xFF).to(torch.uint8).view(-1)
+
+
+def unpack_codes(data: Tensor, width: int) -> Tensor:
+    """The codes that :func:`pack_codes` packed into ``data``."""
+    if width == 8:
+        return data
+    shifts = torch.arange(8, device=data.device)
+    words = (data.view(-1, width).long() << (8 * shifts[:width])).sum(1, keepdim=True)
+    return ((words >> (width * shifts)) & ((1 << width) - 1)).to(torch.uint8).view(-1)
+
+
+class CommStats(NamedTuple):
+    """The last reduced step: bytes this rank sent (``gradguard/comm/bytes``), the bytes of a float32 ring
+    all-reduce of the same buckets, ``2 (W-1)/W * 4 * numel`` per rank, this rank's first-hop ``||Q(p) - p|| /
+    ||p||`` (a device scalar, ``gradguard/quant/rel_error``) and a device flag per rank: its gradients had a NaN or
+    Inf."""
+
+    bytes_sent: int
+    fp32_bytes: int
+    rel_error: Tensor
+    nonfinite_ranks: Tensor
+
+    @property
+    def ratio(self) -> float:
+        """How many times fewer bytes than float32 (``gradguard/comm/ratio``)."""
+        return self.fp32_bytes / max(self.bytes_sent, 1)
+
+
+class _Bucket:
+    """One DDP bucket of ``numel`` elements cut into ``world`` chunks of ``blocks`` blocks of ``block_len``
+    elements (a multiple of 8: whole bytes at any code width), and this rank's residuals for it."""
+
+    def __init__(self, params: list[Tensor], numel: int, world: int, block_size: int, width: int, ef: bool) -> None:
+        self.params, self.numel = params, numel
+        target = -(-numel // world)
+        self.blocks = -(-target // block_size)
+        self.block_len = (-(-target // self.blocks) + 7) // 8 * 8
+        self.chunk = self.blocks * self.block_len
+        self.row = 4 * self.blocks + self.chunk * width // 8  # bytes per rank and hop: scales, then codes
+        device = params[0].device
+        self.residual = torch.zeros(world * self.chunk, device=device) if ef else None
+        self.previous = torch.zeros(world * self.chunk, device=device) if ef else None
+
+    def matches(self, params: list[Tensor]) -> bool:
+        return len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
+
+
+class QuantizedCommState:
+    r"""State of :func:`quantized_allreduce_hook`: the method, this rank's residuals and the last step's statistics.
+
+    Args:
+        method: ``"stochastic"``, ``"qsgd"``, ``"terngrad"`` (per block: clip to 2.5 sigma, ternarize) or
+            ``"sign"`` (per block ``mean|p|`` times the sign bit); see :mod:`~lightning_gradguard.functional.quantization`.
+        bits: code width of ``"stochastic"``, 2 to 8 (default 8); for ``"qsgd"`` the default of ``levels``.
+        levels: levels of ``"qsgd"``, 1 to 127.
+        block_size: at most this many elements share a scale (a bucket's blocks are evened out per chunk).
+        error_feedback: carry the quantization errors to the next step. Default: on for ``"sign"`` (required) and
+            for 4 bits or more, where ``||Q(p) - p|| < ||p||``; off for 2 and 3 bits, ``"terngrad"`` and ``"qsgd"``
+            under 7 levels, whose error can exceed the input and then grows when fed back.
+        seed: base of the random draws, seeded per ``(step, bucket, rank, hop)``.
+        process_group: the DDP process group (default: the world). The second hop runs on a twin group created at
+            the first call, so that it can be issued from the first hop's completion callbacks in bucket order.
+
+    Checkpoint every rank's :meth:`state_dict` (the residuals differ per rank) and load each rank its own. A load
+    on another world size or bucket layout warns and restarts error feedback from zero.
+
+    Raises:
+        TypeError, ValueError: for arguments of the wrong type, out of range, or that do not apply to ``method``.
+
+    Example::
+
+        >>> state = QuantizedCommState("stochastic", bits=4)
+        >>> state.width, state.error_feedback
+        (4, True)
+        >>> # ddp_model.register_comm_hook(state, quantized_allreduce_hook); after each backward: state.stats
+    """
+
+    def __init__(
+        self,
+        method: Method = "stochastic",
+        *,
+        bits: Optional[int] = None,
+        levels: Optional[int] = None,
+        block_size: int = 2048,
+        error_feedback: Optional[bool] = None,
+        seed: int = 0,
+        process_group: Optional[Any] = None,
+    ) -> None:
+        self.levels = resolve_levels(method, bits, levels)
+        if method == "qsgd":
+            check_int(self.levels, "levels", 1, 127)  # codes of at most 8 bits
+        self.method = method
+        self.width = 1 if method == "sign" else math.ceil(math.log2(2 * self.levels + 1))
+        self.block_size = check_int(block_size, "block_size", 1)
+        if error_feedback is not None and not isinstance(error_feedback, bool):
+            raise TypeError(f"Expected `error_feedback` to be a bool or None but got {type(error_feedback).__name__}")
+        if method == "sign" and error_feedback is False:
+            raise ValueError("method='sign' always uses error feedback but got error_feedback=False")
+        contracts = method == "sign" or (method != "terngrad" and self.levels >= 7)
+        self.error_feedback = contracts if error_feedback is None else error_feedback
+        self.seed = check_int(seed, "seed", 0)
+        self.process_group = process_group
+        self.step = -1  # the step being reduced, or last reduced
+        self._gather_group: Optional[Any] = None
+        self._buckets: dict[int, _Bucket] = {}  # by bucket index, the current layout
+        self._slots: dict[int, tuple[str, _Bucket, int]] = {}  # id(parameter) -> (key, bucket, offset)
+        self._layout: dict[int, list[tuple[int, ...]]] = {}  # DDP's first bucket layout: the keys' reference
+        self._pending: Optional[dict[str, Any]] = None  # a loaded state_dict not imported yet
+        self._committed: list[_Bucket] = []  # buckets whose residual the step updates (new one in `previous`)
+        self._generators: dict[tuple[torch.device, int], torch.Generator] = {}
+        self._reset_stats(torch.device("cpu"), 1)
+
+    @property
+    def stats(self) -> CommStats:
+        """The statistics of the last step reduced (read them after the backward pass, before the next one)."""
+        return CommStats(self._bytes, self._fp32_bytes, (self._error_sq / self._input_sq.clamp(min=1e-30)).sqrt(),
+                         self._nonfinite)
+
+    def reset_residuals(self) -> None:
+        """Zero this rank's residuals (and drop a loaded state not imported yet)."""
+        for bucket in self._buckets.values():
+            if bucket.residual is not None:
+                bucket.residual.zero_()
+                bucket.previous.zero_()
+        self._pending, self._committed = None, []
+
+    def undo_step(self) -> None:
+        """Restore the residuals from before the last step, for a step that the optimizer skipped or a rewind will
+        replace: its quantization error belongs to gradients that were never applied, while the previous residual
+        is what the applied steps still owe. Call it after the backward pass; a second call does nothing."""
+        for bucket in self._committed:
+            bucket.residual, bucket.previous = bucket.previous, bucket.residual
+        self._committed = []
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's residuals by parameter (keyed by position in DDP's first bucket layout), that layout, the
+        world size and the step."""
+        residuals = {
+            key: bucket.residual[offset : offset + p.numel()].view_as(p).clone()
+            for key, bucket, offset, p in self._residual_slots()
+        }
+        if self._pending is not None and not self._buckets:  # loaded, not imported yet
+            return dict(self._pending)
+        world = dist.get_world_size(self.process_group) if dist.is_initialized() else 1
+        return {"step": self.step, "world_size": world, "layout": dict(self._layout), "residuals": residuals}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.step = int(state_dict.get("step", self.step))
+        self.reset_residuals()
+        self._pending = dict(state_dict)
+        if self._layout:  # DDP's first layout is known: import now, else as its buckets appear
+            self._import(list(self._layout))
+            if self._pending is not None:
+                self._check_complete()
+
+    # ------------------------------------------------------------------------------------------------------------
+    def _residual_slots(self) -> list[tuple[str, _Bucket, int, Tensor]]:
+        slots = []
+        for bucket in self._buckets.values():
+            offset = 0
+            for p in bucket.params:
+                if bucket.residual is not None:
+                    slots.append((self._slots[id(p)][0], bucket, offset, p))
+                offset += p.numel()
+        return slots
+
+    def _begin_step(self, device: torch.device, world: int) -> None:
+        self.step += 1
+        if self._pending is not None and self._layout:  # DDP's first layout is complete: every bucket was seen
+            self._check_complete()
+        self._reset_stats(device, world)
+
+    def _reset_stats(self, device: torch.device, world: int) -> None:
+        self._bytes = self._fp32_bytes = 0
+        self._error_sq, self._input_sq = torch.zeros((), device=device), torch.zeros((), device=device)
+        self._nonfinite = torch.zeros(world, dtype=torch.bool, device=device)
+        self._committed, self._chain = [], None
+        self._finite = torch.ones((), dtype=torch.bool, device=device)
+
+    def _commit(self) -> None:
+        """At the end of a step: the new residuals become current if the whole step's reduction was finite."""
+        for bucket in self._committed:
+            torch.where(self._finite, bucket.previous, bucket.residual, out=bucket.previous)
+            bucket.residual, bucket.previous = bucket.previous, bucket.residual
+
+    def _bucket(self, bucket: Any, world: int) -> _Bucket:
+        """The layout of ``bucket``, rebuilt when DDP changed its parameters (it does after the first iteration),
+        carrying each parameter's residual over."""
+        index, params = bucket.index(), bucket.parameters()
+        current = self._buckets.get(index)
+        if current is not None and current.matches(params):
+            return current
+        new = _Bucket(params, bucket.buffer().numel(), world, self.block_size, self.width, self.error_feedback)
+        first = index not in self._layout
+        offset = 0
+        for position, p in enumerate(params):
+            key, old, old_offset = self._slots.get(id(p), (f"{index}.{position}", None, 0))
+            if old is None:
+                self._layout.setdefault(index, []).append(tuple(p.shape))
+            elif new.residual is not None:
+                new.residual[offset : offset + p.numel()] = old.residual[old_offset : old_offset + p.numel()]
+            self._slots[id(p)] = (key, new, offset)
+            offset += p.numel()
+        self._buckets[index] = new
+        if self._pending is not None and first:
+            self._import([index])
+        return new
+
+    def _import(self, indices: list[int]) -> None:
+        """Copy the loaded residuals of the parameters of DDP's first-layout buckets ``indices`` into place, after
+        checking the world size and those buckets against the saved ones."""
+        world = dist.get_world_size(self.process_group)
+        if self._pending.get("world_size", world) != world or any(
+            self._saved_layout().get(i) != self._layout[i] for i in indices
+        ):
+            return self._mismatch()
+        residuals = self._pending.get("residuals", {})
+        for key, bucket, offset, p in self._residual_slots():
+            if key in residuals and int(key.split(".")[0]) in indices:
+                bucket.residual[offset : offset + p.numel()] = residuals[key].reshape(-1)
+
+    def _check_complete(self) -> None:
+        """After DDP's first layout was imported bucket by bucket: the saved layout has no other bucket."""
+        if set(self._saved_layout()) != set(self._layout):
+            self._mismatch()
+        self._pending = None
+
+    def _saved_layout(self) -> dict[int, list[tuple[int, ...]]]:
+        return {int(i): [tuple(s) for s in shapes] for i, shapes in self._pending.get("layout", {}).items()}
+
+    def _mismatch(self) -> None:
+        world = dist.get_world_size(self.process_group)
+        warnings.warn(
+            f"QuantizedCommState: the saved residuals belong to world size {self._pending.get('world_size')} and"
+            f" bucket layout {self._saved_layout()}, but this run has world size {world} and layout {self._layout};"
+            " error feedback restarts from zero."
+        )
+        self.reset_residuals()
+
+    def _generator(self, device: torch.device, *keys: int) -> torch.Generator:
+        # one generator per hop: the second hop draws on a communication thread while the first draws on DDP's
+        generator = self._generators.setdefault((device, keys[-1]), torch.Generator(device=device))
+        return generator.manual_seed(derive_seed(self.seed, self.step, *keys))
+
+    def _quantize(self, flat: Tensor, block_len: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+        """Unsigned codes, per-block scales (NaN for blocks that are not finite) and decoded values of ``flat``."""
+        blocks = flat.view(-1, block_len)
+        if self.method == "terngrad":
+            bound = TERNGRAD_CLAMP_SIGMA / math.sqrt(block_len) * torch.linalg.vector_norm(blocks, dim=1, keepdim=True)
+            blocks = torch.minimum(torch.maximum(blocks, -bound), bound)
+        scales = block_scales(blocks, self.method)
+        finite = torch.isfinite(scales)
+        safe = torch.where(finite.unsqueeze(1), blocks, 0.0)
+        codes, _ = encode(safe, self.method, self.levels, scales=torch.where(finite, scales, 0.0), generator=generator)
+        scales = torch.where(finite, scales, math.nan)
+        step, offset = (2, 1) if self.method == "sign" else (1, self.levels)
+        unsigned = codes.add(offset).div_(step).to(torch.uint8).view(-1)
+        return unsigned, scales, decode(codes, scales, self.levels).view(-1)
+
+    def _decode(self, rows: Tensor, blocks: int, block_len: int) -> Tensor:
+        """The values of rows of ``[scales, codes]`` payloads, one row per rank: ``(rows, blocks * block_len)``."""
+        scales = rows[:, : 4 * blocks].contiguous().view(torch.float32).reshape(-1)
+        unsigned = unpack_codes(rows[:, 4 * blocks :].contiguous().view(-1), self.width).float()
+        step, offset = (2, 1) if self.method == "sign" else (1, self.levels)
+        codes = (unsigned * step - offset).view(-1, block_len)
+        return decode(codes, scales, self.levels).view(rows.shape[0], -1)
+
+
+def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
+    """Average ``bucket`` over the ranks with quantized codes in two hops (see the module docstring).
+
+    Register it with ``ddp_model.register_comm_hook(state, quantized_allreduce_hook)``. Works on any backend with
+    ``all_to_all_single`` and ``all_gather_single`` (gloo, NCCL).
+
+    Example::
+
+        >>> # xdoctest: +SKIP("needs a process group")
+        >>> state = QuantizedCommState("stochastic", bits=8)
+        >>> ddp_model.register_comm_hook(state, quantized_allreduce_hook)
+        >>> loss.backward(); state.stats.ratio, state.stats.rel_error, state.stats.nonfinite_ranks
+    """
+    buffer = bucket.buffer()
+    group = state.process_group if state.process_group is not None else dist.group.WORLD
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    if state._gather_group is None:  # created on DDP's thread, at the same call on every rank
+        state._gather_group = dist.new_group(dist.get_process_group_ranks(group), use_local_synchronization=True)
+    if bucket.index() == 0:  # DDP launches its buckets in index order: bucket 0 opens a step
+        state._begin_step(buffer.device, world)
+    layout = state._bucket(bucket, world)
+    n, chunk, blocks, block_len = layout.numel, layout.chunk, layout.blocks, layout.block_len
+    p = torch.zeros(world * chunk, device=buffer.device)
+    p[:n] = buffer
+    if layout.residual is not None:
+        p += layout.residual
+    unsigned, scales, decoded = state._quantize(p, block_len, state._generator(buffer.device, bucket.index(), rank, 1))
+    local_bad = ~torch.isfinite(scales).all()
+    state._error_sq += torch.where(local_bad, 0.0, (p[:n] - decoded[:n]).square().sum())
+    state._input_sq += torch.where(local_bad, 0.0, p[:n].square().sum())
+    state._bytes += (world - 1) * (2 * layout.row + 1)
+    state._fp32_bytes += 8 * (world - 1) * n // world
+    send = torch.cat([scales.view(world, -1).view(torch.uint8), pack_codes(unsigned, state.width).view(world, -1)], 1)
+    received = torch.empty_like(send)
+    first_hop = dist.all_to_all_single(received, send, group=group, async_op=True).get_future()
+    if layout.residual is not None:  # the new residual waits in `previous` until the end of the step
+        torch.sub(p, decoded, out=layout.previous)
+        state._committed.append(layout)
+    index, last = bucket.index(), bucket.is_last()
+
+    def second_hop(fut: torch.futures.Future) -> Tensor:
+        for done in fut.value():  # an error of this bucket's first hop or of the previous bucket surfaces here
+            done.wait()
+        total = state._decode(received, blocks, block_len).sum(0)
+        total[max(n - rank * chunk, 0) :] = 0.0  # the padding of this rank's chunk
+        own, own_scales, own_decoded = state._quantize(total, block_len, state._generator(total.device, index, rank, 2))
+        payload = torch.cat([own_scales.view(torch.uint8), pack_codes(own, state.width), local_bad.view(1).to(torch.uint8)])
+        gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=payload.device)
+        dist.all_gather_single(gathered, payload, group=state._gather_group)
+        rows = gathered.view(world, -1)
+        buffer.copy_(state._decode(rows[:, :-1], blocks, block_len).view(-1)[:n] / world)
+        state._nonfinite |= rows[:, -1].bool()
+        state._finite &= torch.isfinite(rows[:, : 4 * blocks].contiguous().view(torch.float32)).all()
+        if layout.residual is not None:
+            layout.previous[rank * chunk : (rank + 1) * chunk] += total - own_decoded
+            layout.previous[n:] = 0.0
+        if last:  # DDP's last bucket of the step: every second hop has run
+            state._commit()
+        return buffer
+
+    # the second hops run one bucket after the other, so every rank issues them in the same order
+    ready = [first_hop] if state._chain is None else [first_hop, state._chain]
+    state._chain = torch.futures.collect_all(ready).then(second_hop)
+    return state._chain
