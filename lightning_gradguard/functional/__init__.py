@@ -11,6 +11,7 @@ from lightning_gradguard.functional.clipping import (
     unitwise_norms,
     zscore_threshold,
 )
+from lightning_gradguard.functional.communication import CommStats, QuantizedCommState, quantized_allreduce_hook
 from lightning_gradguard.functional.detection import SpikeCheck, SpikeDetector, spike_score, top_layers
 from lightning_gradguard.functional.norms import (
     UnitNorms,
@@ -24,7 +25,9 @@ from lightning_gradguard.functional.norms import (
 from lightning_gradguard.functional.quantization import (
     GradientQuantizer,
     QuantizationStats,
+    decode,
     derive_seed,
+    encode,
     levels_for_bits,
     quantize,
 )
@@ -32,10 +35,12 @@ from lightning_gradguard.functional.stats import EmaMoments, RunningWindow
 
 __all__ = [
     "ClipResult",
+    "CommStats",
     "EmaMoments",
     "GradientClipper",
     "GradientQuantizer",
     "QuantizationStats",
+    "QuantizedCommState",
     "RunningWindow",
     "SpikeCheck",
     "SpikeDetector",
@@ -45,10 +50,13 @@ __all__ = [
     "as_local_tensor",
     "clamp_",
     "clip_coefficient",
+    "decode",
     "derive_seed",
+    "encode",
     "grad_norms",
     "levels_for_bits",
     "quantize",
+    "quantized_allreduce_hook",
     "scale_",
     "spike_score",
     "top_layers",

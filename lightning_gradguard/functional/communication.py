@@ -34,6 +34,7 @@ from lightning_gradguard.functional.quantization import (
     TERNGRAD_CLAMP_SIGMA,
     Method,
     block_scales,
+    check_error_feedback,
     check_int,
     decode,
     derive_seed,
@@ -51,7 +52,7 @@ def pack_codes(codes: Tensor, width: int) -> Tensor:
 
         >>> packed = pack_codes(torch.tensor([1, 0, 3, 2, 0, 1, 1, 3], dtype=torch.uint8), 2)
         >>> packed, unpack_codes(packed, 2)
-        (tensor([ 49, 214], dtype=torch.uint8), tensor([1, 0, 3, 2, 0, 1, 1, 3], dtype=torch.uint8))
+        (tensor([177, 212], dtype=torch.uint8), tensor([1, 0, 3, 2, 0, 1, 1, 3], dtype=torch.uint8))
     """
     if width == 8:
         return codes
@@ -153,10 +154,7 @@ class QuantizedCommState:
         self.method = method
         self.width = 1 if method == "sign" else math.ceil(math.log2(2 * self.levels + 1))
         self.block_size = check_int(block_size, "block_size", 1)
-        if error_feedback is not None and not isinstance(error_feedback, bool):
-            raise TypeError(f"Expected `error_feedback` to be a bool or None but got {type(error_feedback).__name__}")
-        if method == "sign" and error_feedback is False:
-            raise ValueError("method='sign' always uses error feedback but got error_feedback=False")
+        error_feedback = check_error_feedback(method, error_feedback)
         contracts = method == "sign" or (method != "terngrad" and self.levels >= 7)
         self.error_feedback = contracts if error_feedback is None else error_feedback
         self.seed = check_int(seed, "seed", 0)
@@ -164,7 +162,7 @@ class QuantizedCommState:
         self.step = -1  # the step being reduced, or last reduced
         self._gather_group: Optional[Any] = None
         self._buckets: dict[int, _Bucket] = {}  # by bucket index, the current layout
-        self._slots: dict[int, tuple[str, _Bucket, int]] = {}  # id(parameter) -> (key, bucket, offset)
+        self._slots: dict[int, tuple[str, _Bucket, int, Tensor]] = {}  # id(param) -> (key, bucket, offset, param)
         self._layout: dict[int, list[tuple[int, ...]]] = {}  # DDP's first bucket layout: the keys' reference
         self._pending: Optional[dict[str, Any]] = None  # a loaded state_dict not imported yet
         self._committed: list[_Bucket] = []  # buckets whose residual the step updates (new one in `previous`)
@@ -196,12 +194,12 @@ class QuantizedCommState:
     def state_dict(self) -> dict[str, Any]:
         """This rank's residuals by parameter (keyed by position in DDP's first bucket layout), that layout, the
         world size and the step."""
+        if self._pending is not None and not self._buckets:  # loaded, not imported yet
+            return dict(self._pending)
         residuals = {
             key: bucket.residual[offset : offset + p.numel()].view_as(p).clone()
             for key, bucket, offset, p in self._residual_slots()
         }
-        if self._pending is not None and not self._buckets:  # loaded, not imported yet
-            return dict(self._pending)
         world = dist.get_world_size(self.process_group) if dist.is_initialized() else 1
         return {"step": self.step, "world_size": world, "layout": dict(self._layout), "residuals": residuals}
 
@@ -216,14 +214,8 @@ class QuantizedCommState:
 
     # ------------------------------------------------------------------------------------------------------------
     def _residual_slots(self) -> list[tuple[str, _Bucket, int, Tensor]]:
-        slots = []
-        for bucket in self._buckets.values():
-            offset = 0
-            for p in bucket.params:
-                if bucket.residual is not None:
-                    slots.append((self._slots[id(p)][0], bucket, offset, p))
-                offset += p.numel()
-        return slots
+        """``(key, bucket, offset, parameter)`` of every parameter with a residual, in the current layout."""
+        return [slot for slot in self._slots.values() if slot[1].residual is not None]
 
     def _begin_step(self, device: torch.device, world: int) -> None:
         self.step += 1
@@ -252,15 +244,15 @@ class QuantizedCommState:
         if current is not None and current.matches(params):
             return current
         new = _Bucket(params, bucket.buffer().numel(), world, self.block_size, self.width, self.error_feedback)
-        first = index not in self._layout
+        first = all(id(p) not in self._slots for p in params)  # a bucket of DDP's first layout
         offset = 0
         for position, p in enumerate(params):
-            key, old, old_offset = self._slots.get(id(p), (f"{index}.{position}", None, 0))
+            key, old, old_offset, _ = self._slots.get(id(p), (f"{index}.{position}", None, 0, p))
             if old is None:
                 self._layout.setdefault(index, []).append(tuple(p.shape))
             elif new.residual is not None:
                 new.residual[offset : offset + p.numel()] = old.residual[old_offset : old_offset + p.numel()]
-            self._slots[id(p)] = (key, new, offset)
+            self._slots[id(p)] = (key, new, offset, p)
             offset += p.numel()
         self._buckets[index] = new
         if self._pending is not None and first:
@@ -335,10 +327,10 @@ def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket)
 
     Example::
 
-        >>> # xdoctest: +SKIP("needs a process group")
         >>> state = QuantizedCommState("stochastic", bits=8)
-        >>> ddp_model.register_comm_hook(state, quantized_allreduce_hook)
-        >>> loss.backward(); state.stats.ratio, state.stats.rel_error, state.stats.nonfinite_ranks
+        >>> ddp_model.register_comm_hook(state, quantized_allreduce_hook)  # doctest: +SKIP
+        >>> loss.backward()  # doctest: +SKIP
+        >>> state.stats.bytes_sent, state.stats.ratio, state.stats.rel_error, state.stats.nonfinite_ranks  # doctest: +SKIP
     """
     buffer = bucket.buffer()
     group = state.process_group if state.process_group is not None else dist.group.WORLD
@@ -367,9 +359,13 @@ def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket)
         state._committed.append(layout)
     index, last = bucket.index(), bucket.is_last()
 
+    previous = state._chain
+
     def second_hop(fut: torch.futures.Future) -> Tensor:
-        for done in fut.value():  # an error of this bucket's first hop or of the previous bucket surfaces here
-            done.wait()
+        # the second hops run one bucket after the other, so that every rank issues them in the same order
+        if previous is not None:
+            previous.wait()
+        fut.wait()  # an error of the first hop surfaces here
         total = state._decode(received, blocks, block_len).sum(0)
         total[max(n - rank * chunk, 0) :] = 0.0  # the padding of this rank's chunk
         own, own_scales, own_decoded = state._quantize(total, block_len, state._generator(total.device, index, rank, 2))
@@ -387,7 +383,5 @@ def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket)
             state._commit()
         return buffer
 
-    # the second hops run one bucket after the other, so every rank issues them in the same order
-    ready = [first_hop] if state._chain is None else [first_hop, state._chain]
-    state._chain = torch.futures.collect_all(ready).then(second_hop)
+    state._chain = first_hop.then(second_hop)
     return state._chain

@@ -1,33 +1,28 @@
-"""Low-bit gradient quantizers with error feedback, without host syncs.
+"""Low-bit gradient quantizers with error feedback, without host syncs (formulas in ``shared/ANCHORS.md``).
 
-Methods (formulas in ``shared/ANCHORS.md``), ``L`` levels on each side of zero:
-
-- ``"stochastic"``: per block of ``block_size`` elements, ``scale = max |g|``,
-  ``Q(g) = round_stochastic(g / scale * L) * scale / L`` with ``L = 2**(bits-1) - 1``. Unbiased.
-- ``"qsgd"`` (Alistarh et al., 2017): the same with ``scale = ||block||`` and ``L = s`` levels. Unbiased; variance
+- ``"stochastic"``: per block of ``block_size`` elements, ``Q(g) = round_stochastic(g / max|g| * L) * max|g| / L``,
+  ``L = 2**(bits-1) - 1`` levels on each side of zero. Unbiased.
+- ``"qsgd"`` (Alistarh et al., 2017): the same with the block's L2 norm as scale and ``L = s``. Unbiased; variance
   ``<= min(d / s**2, sqrt(d) / s) * ||v||**2`` per block of ``d`` elements.
 - ``"terngrad"`` (Wen et al., 2017): per tensor, clip to ``+-2.5 sigma``, then ``max|g| * sign(g) *
-  Bernoulli(|g| / max|g|)`` (``L = 1``). Unbiased on the clipped gradient.
-- ``"sign"`` (Karimireddy et al., 2019): per tensor, ``mean|p| * s(p)`` with ``s(p) = -1`` for ``p < 0`` and ``+1``
-  otherwise (one bit per element), always with error feedback.
+  Bernoulli(|g| / max|g|)``. Unbiased on the clipped gradient.
+- ``"sign"`` (Karimireddy et al., 2019): per tensor ``mean|p|`` times ``-1`` where ``p < 0``, ``+1`` elsewhere (one
+  bit per element), always with error feedback.
 
-The core is :func:`encode` and :func:`decode` on a 2-D view of blocks (one row per block, one scale per row), shared
-with the compressed DDP communication hook (:mod:`lightning_gradguard.functional.communication`).
+:func:`encode` and :func:`decode` work on a 2-D view, one block per row and one scale per block; the compressed DDP
+hook (:mod:`~lightning_gradguard.functional.communication`) uses them too.
 
-Error feedback: the quantizer's input is ``p = g + e`` and ``e <- p - Q(p)`` is carried to the next call, so over
-``T`` calls ``sum(Q) = sum(g) - e_T``. The outlier bound (``clamp_sigma`` times the tensor's root mean square, or
-its ``clamp_quantile``-quantile of ``|g|`` estimated from ``QUANTILE_SAMPLES`` random elements) is applied to ``p``
-first; what it removes is dropped, as clipping drops it, and does not enter the residual.
+Error feedback: the input is ``p = g + e`` and ``e <- p - Q(p)`` is carried over, so over ``T`` calls
+``sum(Q) = sum(g) - e_T``. The outlier bound (``clamp_sigma`` root mean squares, or the ``clamp_quantile`` of ``|g|``
+estimated from ``QUANTILE_SAMPLES`` random elements per tensor) clamps ``p`` first; what it removes is dropped, as
+clipping drops it, not fed back.
 
-Layout: the tensors of one (device, dtype, shard) group are copied into a zero-padded ``(blocks, block_size)``
-tensor, each tensor starting on a block boundary; per-tensor statistics are ``_foreach_norm`` calls over views.
-
-Randomness: the draws of a group come from its device's generator seeded with :func:`derive_seed` of ``(seed, step,
-stream, group, shard coordinate)``, values every rank knows: DDP ranks (identical gradients) draw the same numbers,
-FSDP2 shards draw independently (replicas of a shard alike), and a resumed run draws what the uninterrupted run drew.
-
-Non-finite tensors (a NaN or Inf, or a squared norm that overflows) are left bitwise untouched and keep their
-residual; the choice is a ``torch.where`` on the device, never a host read.
+The tensors of a (device, dtype, shard) group are copied into a zero-padded ``(blocks, block_size)`` tensor, each
+starting on a block boundary; per-tensor statistics are ``_foreach_norm`` over views. Draws come from a generator
+seeded with :func:`derive_seed` of ``(seed, step, stream, group, shard coordinate)``: DDP ranks draw alike (replicas
+stay identical), FSDP2 shards independently, and a resumed run draws what the uninterrupted one drew. Non-finite
+tensors (or whose squared norm overflows) are left bitwise untouched and keep their residual, chosen by
+``torch.where`` on the device.
 """
 
 from __future__ import annotations
@@ -60,6 +55,8 @@ __all__ = [
     "levels_for_bits",
     "quantize",
     "resolve_levels",
+    "check_error_feedback",
+    "check_int",
     "shard_coordinate",
 ]
 
@@ -110,32 +107,23 @@ def check_int(value: Any, name: str, low: int, high: Optional[int] = None) -> in
     return value
 
 
-def check_choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
-    """``value`` if it is one of ``choices``; a ``ValueError`` naming ``name`` otherwise."""
-    if value not in choices:
-        raise ValueError(f"Expected `{name}` to be one of {choices} but got {value!r}")
-    return value
-
-
 def _check_real(value: Any, name: str, expected: str, valid: bool) -> Optional[float]:
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
         raise TypeError(f"Expected `{name}` to be {expected} or None but got {type(value).__name__}")
-    if not valid:
+    if value is not None and not valid:
         raise ValueError(f"Expected `{name}` to be {expected} or None but got {value!r}")
-    return float(value)
+    return None if value is None else float(value)
 
 
 def resolve_levels(method: str, bits: Optional[int], levels: Optional[int]) -> int:
-    """Check ``method``, ``bits`` and ``levels`` together and return the levels on each side of zero.
+    """Check ``method``, ``bits`` and ``levels`` together; return the levels on each side of zero.
 
     ``bits`` (2 to 8, default 8) applies to ``"stochastic"``, and to ``"qsgd"`` as the default of ``levels``;
-    ``levels`` applies to ``"qsgd"`` only; ``"terngrad"`` and ``"sign"`` have one level and take neither.
-    ``GradientQuantization`` forwards its defaults ``bits=8`` and ``rounding="stochastic"`` whatever the method,
-    so those values count as not given.
+    ``levels`` to ``"qsgd"`` only; ``"terngrad"`` and ``"sign"`` have one level. ``GradientQuantization`` forwards
+    its default ``bits=8`` whatever the method, so that value counts as not given.
     """
-    check_choice(method, "method", METHODS)
+    if method not in METHODS:
+        raise ValueError(f"Expected `method` to be one of {METHODS} but got {method!r}")
     if bits is not None:
         check_int(bits, "bits", 2, 8)
         if method in ("terngrad", "sign") and bits != 8:
@@ -148,6 +136,15 @@ def resolve_levels(method: str, bits: Optional[int], levels: Optional[int]) -> i
             raise ValueError(f"Expected at most one of `bits` and `levels` for 'qsgd' but got {bits} and {levels}")
         return levels
     return 1 if method in ("terngrad", "sign") else levels_for_bits(8 if bits is None else bits)
+
+
+def check_error_feedback(method: str, error_feedback: Any) -> Optional[bool]:
+    """``error_feedback`` (``None``: the caller's default) if it is a bool or ``None`` that ``method`` accepts."""
+    if error_feedback is not None and not isinstance(error_feedback, bool):
+        raise TypeError(f"Expected `error_feedback` to be a bool or None but got {type(error_feedback).__name__}")
+    if method == "sign" and error_feedback is False:
+        raise ValueError("method='sign' always uses error feedback but got error_feedback=False")
+    return error_feedback
 
 
 def shard_coordinate(t: Tensor) -> tuple[int, ...]:
@@ -312,16 +309,13 @@ class GradientQuantizer:
         self.levels = resolve_levels(method, bits, levels)
         self.method = method
         self.block_size = check_int(block_size, "block_size", 1)
-        if rounding is not None:
-            check_choice(rounding, "rounding", ROUNDINGS)
-            if method == "sign" and rounding != "stochastic":
-                raise ValueError(f"method='sign' has no rounding step but got rounding={rounding!r}")
+        if rounding not in (None, *ROUNDINGS):
+            raise ValueError(f"Expected `rounding` to be one of {ROUNDINGS} but got {rounding!r}")
+        # GradientQuantization forwards its default rounding="stochastic" whatever the method
+        if method == "sign" and rounding not in (None, "stochastic"):
+            raise ValueError(f"method='sign' has no rounding step but got rounding={rounding!r}")
         self.rounding = rounding or "stochastic"
-        if error_feedback is not None and not isinstance(error_feedback, bool):
-            raise TypeError(f"Expected `error_feedback` to be a bool or None but got {type(error_feedback).__name__}")
-        if method == "sign" and error_feedback is False:
-            raise ValueError("method='sign' always uses error feedback but got error_feedback=False")
-        self.error_feedback = method == "sign" or bool(error_feedback)
+        self.error_feedback = bool(check_error_feedback(method, error_feedback)) or method == "sign"
         sigma_ok = isinstance(clamp_sigma, (int, float)) and math.isfinite(clamp_sigma) and clamp_sigma > 0
         self.clamp_sigma = _check_real(clamp_sigma, "clamp_sigma", "a positive finite number", sigma_ok)
         quantile_ok = isinstance(clamp_quantile, (int, float)) and 0 < clamp_quantile <= 1
