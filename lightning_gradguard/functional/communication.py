@@ -42,11 +42,20 @@ from lightning_gradguard.functional.quantization import (
     resolve_levels,
 )
 
-__all__ = ["CommStats", "QuantizedCommState", "pack_codes", "quantized_allreduce_hook", "unpack_codes"]
+__all__ = [
+    "CommStats",
+    "QuantizedCommState",
+    "chunk_layout",
+    "pack_codes",
+    "quantized_allreduce_hook",
+    "unpack_codes",
+    "wire_bytes",
+]
 
 
 def pack_codes(codes: Tensor, width: int) -> Tensor:
-    """Pack unsigned codes (``uint8`` below ``2**width``, a multiple of 8 of them) into ``width`` bits each.
+    """Pack unsigned codes (``uint8`` below ``2**width``, a multiple of 8 of them) into ``width`` bits each, the
+    first code in the lowest bits. Byte operations only: 8 codes fill ``width`` bytes.
 
     Example::
 
@@ -56,19 +65,29 @@ def pack_codes(codes: Tensor, width: int) -> Tensor:
     """
     if width == 8:
         return codes
-    shifts = torch.arange(8, device=codes.device)
-    # 8 codes fill `width` bytes; their bit fields are disjoint, so the sum is their bitwise or
-    words = (codes.view(-1, 8).long() << (width * shifts)).sum(1, keepdim=True)
-    return ((words >> (8 * shifts[:width])) & 0xFF).to(torch.uint8).view(-1)
+    groups = codes.view(-1, 8)
+    out = torch.zeros(groups.shape[0], width, dtype=torch.uint8, device=codes.device)
+    for i in range(8):
+        byte, shift = divmod(width * i, 8)
+        out[:, byte] |= groups[:, i] << shift  # uint8: the bits shifted past the byte drop out
+        if shift + width > 8:
+            out[:, byte + 1] |= groups[:, i] >> (8 - shift)
+    return out.view(-1)
 
 
 def unpack_codes(data: Tensor, width: int) -> Tensor:
     """The codes that :func:`pack_codes` packed into ``data``."""
     if width == 8:
         return data
-    shifts = torch.arange(8, device=data.device)
-    words = (data.view(-1, width).long() << (8 * shifts[:width])).sum(1, keepdim=True)
-    return ((words >> (width * shifts)) & ((1 << width) - 1)).to(torch.uint8).view(-1)
+    groups = data.view(-1, width)
+    out = torch.empty(groups.shape[0], 8, dtype=torch.uint8, device=data.device)
+    for i in range(8):
+        byte, shift = divmod(width * i, 8)
+        value = groups[:, byte] >> shift
+        if shift + width > 8:
+            value |= groups[:, byte + 1] << (8 - shift)
+        torch.bitwise_and(value, (1 << width) - 1, out=out[:, i])
+    return out.view(-1)
 
 
 class CommStats(NamedTuple):
@@ -88,17 +107,42 @@ class CommStats(NamedTuple):
         return self.fp32_bytes / max(self.bytes_sent, 1)
 
 
-class _Bucket:
-    """One DDP bucket of ``numel`` elements cut into ``world`` chunks of ``blocks`` blocks of ``block_len``
-    elements (a multiple of 8: whole bytes at any code width), and this rank's residuals for it."""
+def chunk_layout(numel: int, world_size: int, block_size: int) -> tuple[int, int]:
+    """``(blocks, block_len)``: a bucket of ``numel`` elements is cut into one chunk per rank of ``blocks`` blocks
+    of ``block_len`` elements, at most ``block_size`` rounded up to a multiple of 8 (whole bytes at any code width).
 
-    def __init__(self, params: list[Tensor], numel: int, world: int, block_size: int, width: int, ef: bool) -> None:
+    Example::
+
+        >>> chunk_layout(10_000, 4, 2048)
+        (2, 1256)
+    """
+    target = -(-numel // world_size)
+    blocks = -(-target // block_size)
+    return blocks, (-(-target // blocks) + 7) // 8 * 8
+
+
+def wire_bytes(numel: int, world_size: int, width: int, block_size: int = 2048) -> int:
+    """Bytes one rank sends to reduce a bucket of ``numel`` elements with ``width``-bit codes: its chunks to the
+    ``W - 1`` other ranks in the all-to-all, then its re-quantized chunk and its non-finite flag (one byte) to them
+    in the all-gather. Each chunk carries its float32 block scales.
+
+    Example::
+
+        >>> wire_bytes(10_000, 4, 8), 2 * 3 / 4 * 4 * 10_000  # against a float32 ring all-reduce
+        (15123, 60000.0)
+    """
+    blocks, block_len = chunk_layout(numel, world_size, block_size)
+    row = 4 * blocks + blocks * block_len * width // 8
+    return (world_size - 1) * (2 * row + 1)
+
+
+class _Bucket:
+    """One DDP bucket (see :func:`chunk_layout`) and this rank's residuals for it."""
+
+    def __init__(self, params: list[Tensor], numel: int, world: int, block_size: int, ef: bool) -> None:
         self.params, self.numel = params, numel
-        target = -(-numel // world)
-        self.blocks = -(-target // block_size)
-        self.block_len = (-(-target // self.blocks) + 7) // 8 * 8
+        self.blocks, self.block_len = chunk_layout(numel, world, block_size)
         self.chunk = self.blocks * self.block_len
-        self.row = 4 * self.blocks + self.chunk * width // 8  # bytes per rank and hop: scales, then codes
         device = params[0].device
         self.residual = torch.zeros(world * self.chunk, device=device) if ef else None
         self.previous = torch.zeros(world * self.chunk, device=device) if ef else None
@@ -243,7 +287,7 @@ class QuantizedCommState:
         current = self._buckets.get(index)
         if current is not None and current.matches(params):
             return current
-        new = _Bucket(params, bucket.buffer().numel(), world, self.block_size, self.width, self.error_feedback)
+        new = _Bucket(params, bucket.buffer().numel(), world, self.block_size, self.error_feedback)
         first = all(id(p) not in self._slots for p in params)  # a bucket of DDP's first layout
         offset = 0
         for position, p in enumerate(params):
@@ -295,28 +339,33 @@ class QuantizedCommState:
         generator = self._generators.setdefault((device, keys[-1]), torch.Generator(device=device))
         return generator.manual_seed(derive_seed(self.seed, self.step, *keys))
 
-    def _quantize(self, flat: Tensor, block_len: int, generator: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-        """Unsigned codes, per-block scales (NaN for blocks that are not finite) and decoded values of ``flat``."""
+    def _payload(self, flat: Tensor, rows: int, layout: _Bucket, generator: Any) -> tuple[Tensor, Tensor, Tensor]:
+        """Quantize ``flat``: ``rows`` rows of bytes ``[float32 block scales | packed codes]`` (NaN scales for blocks
+        that are not finite), the decoded values, and whether any block is not finite (a device flag)."""
+        block_len = layout.block_len
         blocks = flat.view(-1, block_len)
         if self.method == "terngrad":
             bound = TERNGRAD_CLAMP_SIGMA / math.sqrt(block_len) * torch.linalg.vector_norm(blocks, dim=1, keepdim=True)
             blocks = torch.minimum(torch.maximum(blocks, -bound), bound)
         scales = block_scales(blocks, self.method)
         finite = torch.isfinite(scales)
+        # NaN codes would not fit in the bytes: the blocks that are not finite are coded as zeros with a NaN scale
         safe = torch.where(finite.unsqueeze(1), blocks, 0.0)
         codes, _ = encode(safe, self.method, self.levels, scales=torch.where(finite, scales, 0.0), generator=generator)
         scales = torch.where(finite, scales, math.nan)
-        step, offset = (2, 1) if self.method == "sign" else (1, self.levels)
-        unsigned = codes.add(offset).div_(step).to(torch.uint8).view(-1)
-        return unsigned, scales, decode(codes, scales, self.levels).view(-1)
+        decoded = decode(codes, scales, self.levels).view(-1)
+        unsigned = (codes > 0) if self.method == "sign" else codes.add_(self.levels)
+        packed = pack_codes(unsigned.to(torch.uint8).view(-1), self.width)
+        payload = torch.cat([scales.view(rows, -1).view(torch.uint8), packed.view(rows, -1)], 1)
+        return payload, decoded, ~finite.all()
 
-    def _decode(self, rows: Tensor, blocks: int, block_len: int) -> Tensor:
-        """The values of rows of ``[scales, codes]`` payloads, one row per rank: ``(rows, blocks * block_len)``."""
-        scales = rows[:, : 4 * blocks].contiguous().view(torch.float32).reshape(-1)
-        unsigned = unpack_codes(rows[:, 4 * blocks :].contiguous().view(-1), self.width).float()
-        step, offset = (2, 1) if self.method == "sign" else (1, self.levels)
-        codes = (unsigned * step - offset).view(-1, block_len)
-        return decode(codes, scales, self.levels).view(rows.shape[0], -1)
+    def _values(self, rows: Tensor, layout: _Bucket) -> tuple[Tensor, Tensor]:
+        """The decoded values ``(rows, chunk)`` and block scales ``(rows, blocks)`` of :meth:`_payload` rows."""
+        scales = rows[:, : 4 * layout.blocks].contiguous().view(torch.float32)
+        unsigned = unpack_codes(rows[:, 4 * layout.blocks :].contiguous().view(-1), self.width).float()
+        codes = unsigned.mul_(2).sub_(1) if self.method == "sign" else unsigned.sub_(self.levels)
+        values = decode(codes.view(-1, layout.block_len), scales.view(-1), self.levels)
+        return values.view(rows.shape[0], -1), scales
 
 
 def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
@@ -332,51 +381,51 @@ def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket)
         >>> loss.backward()  # doctest: +SKIP
         >>> state.stats.bytes_sent, state.stats.ratio, state.stats.rel_error, state.stats.nonfinite_ranks  # doctest: +SKIP
     """
-    buffer = bucket.buffer()
+    buffer, index = bucket.buffer(), bucket.index()
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     world, rank = dist.get_world_size(group), dist.get_rank(group)
     if state._gather_group is None:  # created on DDP's thread, at the same call on every rank
         state._gather_group = dist.new_group(dist.get_process_group_ranks(group), use_local_synchronization=True)
-    if bucket.index() == 0:  # DDP launches its buckets in index order: bucket 0 opens a step
+    if index == 0:  # DDP launches its buckets in index order: bucket 0 opens a step
         state._begin_step(buffer.device, world)
     layout = state._bucket(bucket, world)
-    n, chunk, blocks, block_len = layout.numel, layout.chunk, layout.blocks, layout.block_len
-    p = torch.zeros(world * chunk, device=buffer.device)
-    p[:n] = buffer
-    if layout.residual is not None:
-        p += layout.residual
-    unsigned, scales, decoded = state._quantize(p, block_len, state._generator(buffer.device, bucket.index(), rank, 1))
-    local_bad = ~torch.isfinite(scales).all()
-    state._error_sq += torch.where(local_bad, 0.0, (p[:n] - decoded[:n]).square().sum())
-    state._input_sq += torch.where(local_bad, 0.0, p[:n].square().sum())
-    state._bytes += (world - 1) * (2 * layout.row + 1)
+    n, chunk, residual = layout.numel, layout.chunk, layout.residual
+    p = torch.empty(world * chunk, device=buffer.device)
+    p[n:] = 0.0
+    if residual is None:
+        p[:n] = buffer
+    else:
+        torch.add(residual[:n], buffer, out=p[:n])
+    send, decoded, local_bad = state._payload(p, world, layout, state._generator(buffer.device, index, rank, 1))
+    # the new residual waits in `previous` until the end of the step
+    error = torch.sub(p, decoded, out=layout.previous) if residual is not None else p - decoded
+    state._error_sq += torch.where(local_bad, 0.0, torch.linalg.vector_norm(error[:n]).square())
+    state._input_sq += torch.where(local_bad, 0.0, torch.linalg.vector_norm(p[:n]).square())
+    state._bytes += wire_bytes(n, world, state.width, state.block_size)
     state._fp32_bytes += 8 * (world - 1) * n // world
-    send = torch.cat([scales.view(world, -1).view(torch.uint8), pack_codes(unsigned, state.width).view(world, -1)], 1)
+    if residual is not None:
+        state._committed.append(layout)
     received = torch.empty_like(send)
     first_hop = dist.all_to_all_single(received, send, group=group, async_op=True).get_future()
-    if layout.residual is not None:  # the new residual waits in `previous` until the end of the step
-        torch.sub(p, decoded, out=layout.previous)
-        state._committed.append(layout)
-    index, last = bucket.index(), bucket.is_last()
-
-    previous = state._chain
+    previous, last = state._chain, bucket.is_last()
 
     def second_hop(fut: torch.futures.Future) -> Tensor:
         # the second hops run one bucket after the other, so that every rank issues them in the same order
         if previous is not None:
             previous.wait()
         fut.wait()  # an error of the first hop surfaces here
-        total = state._decode(received, blocks, block_len).sum(0)
+        total = state._values(received, layout)[0].sum(0)
         total[max(n - rank * chunk, 0) :] = 0.0  # the padding of this rank's chunk
-        own, own_scales, own_decoded = state._quantize(total, block_len, state._generator(total.device, index, rank, 2))
-        payload = torch.cat([own_scales.view(torch.uint8), pack_codes(own, state.width), local_bad.view(1).to(torch.uint8)])
+        own, own_decoded, _ = state._payload(total, 1, layout, state._generator(total.device, index, rank, 2))
+        payload = torch.cat([local_bad.view(1).to(torch.uint8), own.view(-1)])
         gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=payload.device)
         dist.all_gather_single(gathered, payload, group=state._gather_group)
         rows = gathered.view(world, -1)
-        buffer.copy_(state._decode(rows[:, :-1], blocks, block_len).view(-1)[:n] / world)
-        state._nonfinite |= rows[:, -1].bool()
-        state._finite &= torch.isfinite(rows[:, : 4 * blocks].contiguous().view(torch.float32)).all()
-        if layout.residual is not None:
+        values, scales = state._values(rows[:, 1:], layout)
+        torch.div(values.view(-1)[:n], world, out=buffer)
+        state._nonfinite |= rows[:, 0].bool()
+        state._finite &= torch.isfinite(scales).all()
+        if residual is not None:
             layout.previous[rank * chunk : (rank + 1) * chunk] += total - own_decoded
             layout.previous[n:] = 0.0
         if last:  # DDP's last bucket of the step: every second hop has run
