@@ -74,7 +74,10 @@ from typing import Any, Literal, NamedTuple, Optional
 import torch
 from torch import Tensor
 
-from lightning_gradguard.functional.norms import Segments, as_local_tensor
+import itertools
+from collections import defaultdict
+
+from lightning_gradguard.functional.norms import as_local_tensor
 from lightning_gradguard.utilities import device_tensor
 
 __all__ = [
@@ -116,6 +119,63 @@ try:  # DTensor is public from torch 2.4 on
 except ImportError:  # pragma: no cover - torch builds without distributed support
     DTensor = None  # type: ignore[assignment,misc]
     distribute_tensor = None  # type: ignore[assignment]
+
+
+class Segments:
+    """Consecutive segments of a vector, given by their lengths, and their sums (or maxima), the same bits on every
+    run: ranks that hold the same gradients must take the same decisions (``index_add_`` adds in a varying order on
+    CUDA). Used for the per-tensor sums of unit norms and of quantization blocks.
+
+    On the CPU a reduction is one ``segment_reduce`` (``unsafe``: no check of the lengths, which would read them on
+    the host). CUDA's ``segment_reduce`` walks each segment in a single thread, slow for the thousands of rows of a
+    large weight, so there (or with ``grouped=True``) the segments of each distinct length are gathered into a
+    matrix and reduced along its rows instead: two kernels per distinct length. Built once per layout.
+    """
+
+    def __init__(self, lengths: Sequence[int], device: torch.device, grouped: Optional[bool] = None) -> None:
+        device = torch.device(device)
+        self.grouped = device.type == "cuda" if grouped is None else grouped
+        self.lengths = None if self.grouped else device_tensor(list(lengths), dtype=torch.long, device=device)
+        self.groups: list[tuple[int, int, Tensor]] = []  # (segments, their length, where their elements are)
+        self.inverse: Optional[Tensor] = None  # from the grouped order back to the input order (None: the same)
+        if self.grouped:
+            starts = [0, *itertools.accumulate(lengths)][:-1]
+            by_length: dict[int, list[int]] = defaultdict(list)
+            for i, n in enumerate(lengths):
+                by_length[n].append(i)
+            order: list[int] = []
+            for n, ids in by_length.items():
+                index = [starts[i] + j for i in ids for j in range(n)]
+                self.groups.append((len(ids), n, device_tensor(index, dtype=torch.long, device=device)))
+                order += ids
+            if order != sorted(order):
+                inverse = [0] * len(order)
+                for position, i in enumerate(order):
+                    inverse[i] = position
+                self.inverse = device_tensor(inverse, dtype=torch.long, device=device)
+
+    def sum(self, values: Tensor) -> Tensor:
+        """The sum of each segment of the 1-D ``values``."""
+        return self.reduce(values, "sum")
+
+    def reduce(self, values: Tensor, how: Literal["sum", "max"] = "sum") -> Tensor:
+        """The sum, or the maximum (at least 0, as ``segment_reduce`` with ``initial=0``), of each segment of the
+        1-D ``values``; 0 for an empty segment."""
+        if not self.grouped:
+            return torch.segment_reduce(values, how, lengths=self.lengths, unsafe=True, initial=0.0)
+        parts = [_reduce_rows(values.index_select(0, index).view(k, n), how) for k, n, index in self.groups]
+        out = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return out if self.inverse is None else out.index_select(0, self.inverse)
+
+
+def _reduce_rows(matrix: Tensor, how: str) -> Tensor:
+    if how == "sum":
+        return matrix.sum(1)
+    if matrix.shape[1] == 0:
+        return matrix.new_zeros(matrix.shape[0])
+    return matrix.amax(1).clamp(min=0.0)
+
+
 
 
 def derive_seed(*keys: int) -> int:
