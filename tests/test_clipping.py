@@ -12,7 +12,6 @@ from autoclip.torch import QuantileClip
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from zclip import ZClip
 
 from lightning_gradguard import GradientNormMonitor, HostSyncCounter
@@ -20,6 +19,7 @@ from lightning_gradguard.callbacks.clipping import GradientClipping
 from lightning_gradguard.functional.clipping import GradientClipper
 from tests.helpers.faults import Faults
 from tests.helpers.models import TinyMLP, tiny_trainer
+from tests.helpers.reads import NormReadCounter
 from tests.helpers.sync import counting
 from tests.helpers.tb import read_layout, read_scalars
 
@@ -573,34 +573,6 @@ def test_value_clipping_of_mixed_tensors_matches_torch(nonfinite):
 # ---------------------------------------------------------------------------------------------------------------
 # logging, charts, the shared norm
 # ---------------------------------------------------------------------------------------------------------------
-
-
-class NormReadCounter(TorchDispatchMode):
-    """Counts how many times norm kernels read each gradient and each weight (by storage); on the CPU small tensors
-    reach their norm kernel through one stacked copy, which is then their read."""
-
-    def __init__(self, grads: list[torch.Tensor], weights: list[torch.Tensor]):
-        super().__init__()
-        self.kind = {g.data_ptr(): "grad" for g in grads}
-        self.kind.update({w.data_ptr(): "weight" for w in weights})
-        self.reads = {"grad": 0, "weight": 0}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._foreach_norm.Scalar, torch.ops.aten.stack.default):
-            inputs = list(args[0])
-        elif func in (
-            torch.ops.aten.linalg_vector_norm.default,
-            torch.ops.aten.linalg_vector_norm.out,  # row norms written straight into the unit buffer
-            torch.ops.aten.norm.ScalarOpt_dim,
-        ):
-            inputs = [args[0]]
-        else:
-            inputs = []
-        for t in inputs:
-            kind = self.kind.get(t.data_ptr())
-            if kind is not None:
-                self.reads[kind] += 1
-        return func(*args, **(kwargs or {}))
 
 
 class CountingMonitor(GradientNormMonitor):

@@ -18,6 +18,7 @@ from lightning_gradguard.callbacks.base import TAG_PREFIX, GradGuardCallback, Gr
 from lightning_gradguard.events import EVENT_KINDS, ExplosionEvent, summary_table
 from lightning_gradguard.functional.detection import STATISTICS, SpikeCheck, SpikeDetector, Statistic, top_layers
 from lightning_gradguard.logging.buffer import FlushResult
+from lightning_gradguard.utilities import to_device
 
 __all__ = ["ExplosionGuard", "GradientExplosionError"]
 
@@ -219,6 +220,7 @@ class ExplosionGuard(GradGuardCallback):
         responses = {"nonfinite": on_nonfinite, "spike": on_spike, "loss_spike": on_spike, "threshold": on_spike,
                      "scale_collapse": "log" if on_nonfinite == "log" else "raise"}
         self._responses = [responses.get(kind, "log") for kind in EVENT_KINDS]
+        self._levels = torch.tensor([float(_SEVERITY[r]) for r in self._responses])
 
         # state that drives later decisions (checkpointed)
         self._norm_detectors: dict[int, SpikeDetector] = {}
@@ -341,7 +343,7 @@ class ExplosionGuard(GradGuardCallback):
     def process_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: GradStep) -> None:
         device, norm, idx = step.device, step.total, step.optimizer_idx
         false = torch.zeros((), dtype=torch.bool, device=device)
-        loss, origin = self._take_loss(trainer, device)
+        loss, origin, loss_fault = self._take_loss(trainer, device)
         if loss is None:  # no backward seen (``detect_loss=False``): nothing to check, no statistics to update
             nan = torch.full((), math.nan, device=device)
             loss, loss_nonfinite, loss_check = nan, false, SpikeCheck(false, nan, nan, nan)
@@ -356,8 +358,9 @@ class ExplosionGuard(GradGuardCallback):
         spikes = torch.stack([norm_check.flag, loss_check.flag, over_max]) & ~nonfinite
         collapse = self._scale_collapse(scaler, overflow) if scaler is not None else false
         flags = torch.cat([nonfinite.reshape(1), spikes, overflow.reshape(1), collapse.reshape(1), false.reshape(1)])
-        flags, origin = self._across_ranks(trainer, flags.float(), origin)
-        self._counts = self._counts.to(device) + flags
+        # a rank's own fault names it: its loss went non-finite (known from the per-rank losses), else its gradients
+        flags, origin = self._across_ranks(trainer, flags.float(), origin, ~step.finite & ~loss_fault & ~overflow)
+        self._counts = to_device(self._counts, device) + flags
         top_idx, top_norms = top_layers(step.per_tensor, self.top_k)
         scalars = [norm, loss, norm_check.baseline, norm_check.zscore, loss_check.baseline, loss_check.zscore, origin]
         values = torch.cat([flags, torch.stack(scalars).float(), self._counts, top_idx.float(), top_norms])
@@ -368,13 +371,13 @@ class ExplosionGuard(GradGuardCallback):
         else:
             self._respond(trainer, pl_module, step, flags, values)
 
-    def _take_loss(self, trainer: pl.Trainer, device: torch.device) -> tuple[Optional[Tensor], Tensor]:
-        """The loss of this step averaged over ranks, and the rank it most likely went wrong on (the first with a
-        non-finite loss, else the one with the largest), both on the device."""
+    def _take_loss(self, trainer: pl.Trainer, device: torch.device) -> tuple[Optional[Tensor], Tensor, Tensor]:
+        """The loss of this step averaged over ranks; the rank it most likely went wrong on (the first with a
+        non-finite loss, else the one with the largest); whether some rank's own loss was non-finite. On the device."""
         loss, self._loss = self._loss, None
         rank = torch.full((), float(trainer.global_rank), device=device)
         if loss is None:
-            return None, rank
+            return None, rank, torch.zeros((), dtype=torch.bool, device=device)
         loss = loss.to(device).reshape(())
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             per_rank = torch.zeros(trainer.world_size, device=device)
@@ -382,33 +385,35 @@ class ExplosionGuard(GradGuardCallback):
             dist.all_reduce(per_rank)  # every rank gets every rank's loss: one collective, no host read
             loss = per_rank.mean()
             rank = torch.argmax(torch.nan_to_num(per_rank, nan=math.inf)).float()
-        return loss, rank
+        return loss, rank, ~torch.isfinite(loss)
 
     def _scale_collapse(self, scaler: torch.amp.GradScaler, overflow: Tensor) -> Tensor:
         """Device bool, set once per collapse: the scaler skipped ``max_consecutive_skips`` steps in a row, or the
         loss scale of an overflowing step fell below 1."""
-        self._overflows = torch.where(overflow, self._overflows.to(overflow.device) + 1, 0)
+        self._overflows = torch.where(overflow, to_device(self._overflows, overflow.device) + 1, 0)
         scale = loss_scale(scaler)
         low = overflow & (scale.to(overflow.device).reshape(()) < 1) if scale is not None else torch.zeros_like(overflow)
-        first_low, self._low_scale = low & ~self._low_scale.to(low.device), low
+        first_low, self._low_scale = low & ~to_device(self._low_scale, low.device), low
         if self.max_consecutive_skips is None:
             return first_low
         return first_low | (self._overflows == self.max_consecutive_skips)
 
-    def _across_ranks(self, trainer: pl.Trainer, flags: Tensor, origin: Tensor) -> tuple[Tensor, Tensor]:
-        """Every rank's flags (MAX), and the first rank that flagged a non-finite value itself, if any."""
+    def _across_ranks(self, trainer: pl.Trainer, flags: Tensor, origin: Tensor, own_fault: Tensor) -> tuple[Tensor, Tensor]:
+        """Every rank's flags (MAX). The origin is the loss's when a rank's own loss was non-finite, else the first
+        rank whose own gradients were (a fault after the gradient reduction), else the loss's."""
         if not (trainer.world_size > 1 and dist.is_available() and dist.is_initialized()):
             return flags, origin
         world, rank = trainer.world_size, trainer.global_rank
-        mine = torch.where(flags[_KIND["nonfinite"]] > 0, float(world - rank), 0.0).reshape(1)
+        mine = torch.where(own_fault, float(world - rank), 0.0).reshape(1)
         combined = torch.cat([flags, mine])
         dist.all_reduce(combined, op=dist.ReduceOp.MAX)  # one collective, no host read
         first = combined[-1]
         return combined[:-1], torch.where(first > 0, world - first, origin)
 
     def _severity(self, flags: Tensor) -> Tensor:
-        levels = torch.tensor([float(_SEVERITY[r]) for r in self._responses], device=flags.device)
-        return (flags * levels).amax()
+        if self._levels.device != flags.device:
+            self._levels = to_device(self._levels, flags.device)
+        return (flags * self._levels).amax()
 
     def _skip_on_device(self, trainer: pl.Trainer, step: GradStep, flags: Tensor, values: Tensor) -> None:
         """Skip through the optimizer's own device flag (GradScaler's ``found_inf``): no host read."""
@@ -498,21 +503,22 @@ class ExplosionGuard(GradGuardCallback):
         skips are counted at the flush)."""
         if not trainer.is_global_zero and action != "device":
             return
-        where = self._where(trainer, step)
+        where, totals = self._where(trainer, step), (self.skipped, self.rewinds)
 
         def sink(step_number: int, host: list) -> None:
-            done = action
+            done, (skipped, rewinds) = action, totals
             if action == "device":  # the skip decided on the device, read now
                 done = "skipped" if host[-1] > 0 else None
                 self._count_device_skip(done is not None, where, host)
+                skipped = self.skipped
             events = self._events_of(where, host, done)
             self._events.extend(events)
             counts = host[len(EVENT_KINDS) + 7 : 2 * len(EVENT_KINDS) + 7]
             row = {f"{TAG_PREFIX}/events/{e.kind}": counts[_KIND[e.kind]] for e in events}
             if done in ("skipped", "rewound", "raised"):
-                row[f"{TAG_PREFIX}/guard/skipped"] = float(self.skipped)
+                row[f"{TAG_PREFIX}/guard/skipped"] = float(skipped)
             if done == "rewound":
-                row[f"{TAG_PREFIX}/guard/rewinds"] = float(self.rewinds)
+                row[f"{TAG_PREFIX}/guard/rewinds"] = float(rewinds)
             if row and trainer.is_global_zero:
                 self._metrics[step_number] = row
 

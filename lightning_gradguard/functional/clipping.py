@@ -44,6 +44,7 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 from lightning_gradguard.functional.norms import StepGradients, full_tensor_norms, grad_norms, row_norms
 from lightning_gradguard.functional.stats import EmaMoments, RunningWindow
+from lightning_gradguard.utilities import to_device
 
 __all__ = [
     "METHODS",
@@ -449,7 +450,7 @@ class _AdaGCRule(_Rule):
 
     def to(self, device: torch.device) -> None:
         super().to(device)
-        self.gamma = {n: g.to(device) for n, g in self.gamma.items()}
+        self.gamma = {n: to_device(g, device) for n, g in self.gamma.items()}
 
     def clip_(self, step: StepGradients) -> tuple[Tensor, Tensor]:
         inf = torch.full((), math.inf, device=step.device)
