@@ -20,17 +20,26 @@ from torch import Tensor
 
 from lightning_gradguard.functional.norms import as_local_tensor
 
-__all__ = ["Schedule", "SnapshotDevice", "TrainingSnapshot"]
+__all__ = ["STEP_LR", "Schedule", "SnapshotDevice", "TrainingSnapshot"]
 
 SnapshotDevice = Literal["cpu", "same"]
+STEP_LR = "gradguard_schedule_lr"
+"""param-group key holding the schedule's learning rate while an optimizer step runs at a scaled one"""
 
 
 class Schedule:
     """The learning-rate schedule at one moment: param-group hyperparameters and LR-scheduler states."""
 
     def __init__(self, optimizers: list[torch.optim.Optimizer], schedulers: list[Any]) -> None:
-        self.groups = [[{k: copy.deepcopy(v) for k, v in g.items() if k != "params"} for g in o.param_groups] for o in optimizers]
+        self.groups = [[self._hyperparameters(g) for g in o.param_groups] for o in optimizers]
         self.schedulers = [copy.deepcopy(s.state_dict()) for s in schedulers]
+
+    @staticmethod
+    def _hyperparameters(group: dict[str, Any]) -> dict[str, Any]:
+        saved = {k: copy.deepcopy(v) for k, v in group.items() if k not in ("params", STEP_LR)}
+        if STEP_LR in group:  # taken during a step at a scaled rate: the schedule's own rate is this one
+            saved["lr"] = copy.deepcopy(group[STEP_LR])
+        return saved
 
     def restore(self, optimizers: list[torch.optim.Optimizer], schedulers: list[Any]) -> None:
         for optimizer, groups in zip(optimizers, self.groups):

@@ -13,7 +13,7 @@ from torch import Tensor
 from typing_extensions import override
 
 from lightning_gradguard.callbacks._lightning import found_inf, grad_scaler, loss_scale, takes_found_inf, torch_optimizer
-from lightning_gradguard.callbacks._rewind import Schedule, SnapshotDevice, TrainingSnapshot
+from lightning_gradguard.callbacks._rewind import STEP_LR, Schedule, SnapshotDevice, TrainingSnapshot
 from lightning_gradguard.callbacks.base import TAG_PREFIX, GradGuardCallback, GradStep, check_positive_int
 from lightning_gradguard.events import EVENT_KINDS, ExplosionEvent, summary_table
 from lightning_gradguard.functional.detection import STATISTICS, SpikeCheck, SpikeDetector, Statistic, top_layers
@@ -293,13 +293,13 @@ class ExplosionGuard(GradGuardCallback):
     def _scale_lr(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
         if self.lr_scale != 1.0:
             for group in optimizer.param_groups:
-                group["gradguard_lr"] = group["lr"]
+                group[STEP_LR] = group["lr"]
                 group["lr"] = group["lr"] * self.lr_scale
 
     def _unscale_lr(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
         for group in optimizer.param_groups:
-            if "gradguard_lr" in group:
-                group["lr"] = group.pop("gradguard_lr")
+            if STEP_LR in group:
+                group["lr"] = group.pop(STEP_LR)
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
@@ -356,10 +356,11 @@ class ExplosionGuard(GradGuardCallback):
         norm_check = self._detector(self._norm_detectors, idx).update(norm)
         over_max = false if self.max_norm is None else norm > self.max_norm
         spikes = torch.stack([norm_check.flag, loss_check.flag, over_max]) & ~nonfinite
-        collapse = self._scale_collapse(scaler, overflow) if scaler is not None else false
+        # overflows a non-finite loss explains say nothing about the scale
+        collapse = self._scale_collapse(scaler, overflow & ~loss_nonfinite) if scaler is not None else false
         flags = torch.cat([nonfinite.reshape(1), spikes, overflow.reshape(1), collapse.reshape(1), false.reshape(1)])
         # a rank's own fault names it: its loss went non-finite (known from the per-rank losses), else its gradients
-        flags, origin = self._across_ranks(trainer, flags.float(), origin, ~step.finite & ~loss_fault & ~overflow)
+        flags, origin = self._across_ranks(trainer, flags.float(), origin, ~step.local_finite & ~loss_fault & ~overflow)
         self._counts = to_device(self._counts, device) + flags
         top_idx, top_norms = top_layers(step.per_tensor, self.top_k)
         scalars = [norm, loss, norm_check.baseline, norm_check.zscore, loss_check.baseline, loss_check.zscore, origin]
@@ -479,7 +480,9 @@ class ExplosionGuard(GradGuardCallback):
         host = values.tolist()  # sync: training stops here anyway
         where = self._where(trainer, step)
         events = self._events_of(where, host, action) or [self._event(where, host, "nonfinite", action)]
-        raise self._error(next((e for e in events if e.kind != "overflow"), events[0]), reason)
+        # the event that asked for the raise, else (a limit was reached) the first that was answered
+        raising = [e for e in events if self._responses[_KIND[e.kind]] == "raise"] if reason is None else []
+        raise self._error((raising or [e for e in events if e.kind != "overflow"] or events)[0], reason)
 
     def _error(self, event: ExplosionEvent, reason: Optional[str]) -> GradientExplosionError:
         layers = ", ".join(f"{name} ({norm:.4g})" for name, norm in event.top_layers[:3])

@@ -42,7 +42,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from lightning_gradguard.functional.norms import StepGradients, full_tensor_norms, grad_norms, row_norms
+from lightning_gradguard.functional.norms import StepGradients, full_tensor_norms, grad_norms, unit_norms
 from lightning_gradguard.functional.stats import EmaMoments, RunningWindow
 from lightning_gradguard.utilities import to_device
 
@@ -391,10 +391,10 @@ class _AgcRule(_Rule):
         if not kept:
             return step.total, torch.full_like(step.total, math.inf)
         params = [step.params[i] for i in kept]
-        units = step.units if step.units is not None else torch.cat(row_norms(step.grads))
+        units = step.units if step.units is not None else unit_norms(step.grads).units
         grad_units = units.split([g.shape[0] if g.ndim > 1 else 1 for g in step.local_grads])
         with torch.no_grad():
-            weight_units = torch.cat(row_norms(params, device=step.device))
+            weight_units = unit_norms(params, device=step.device).units
         limits = weight_units.clamp(min=self.eps) * self.clip_factor
         coef = (limits / torch.cat([grad_units[i] for i in kept]).clamp(min=1e-6)).clamp(max=1.0)
         coef = torch.where(step.finite, coef, 1.0)

@@ -27,7 +27,6 @@ __all__ = [
     "full_tensor_norms",
     "grad_norms",
     "local_shards",
-    "row_norms",
     "total_norm",
     "unit_norms",
     "validate_norm_type",
@@ -159,35 +158,16 @@ class UnitNorms(NamedTuple):
     """units per tensor"""
 
 
-def row_norms(tensors: Sequence[Tensor], *, device: Optional[torch.device] = None) -> list[Tensor]:
-    """The L2 norms of the units of each tensor, one float32 vector per tensor: the rows (dim 0) of a tensor with two
-    or more dimensions (of its local shard under FSDP2, which shards on dim 0, so its rows are whole), the whole
-    tensor (one value, its full-tensor norm) otherwise.
-
-    Example::
-
-        >>> import torch
-        >>> row_norms([torch.tensor([[3.0, 4.0], [0.0, 1.0]]), torch.tensor([3.0, 4.0])])
-        [tensor([5., 1.]), tensor([5.])]
-    """
-    items = list(tensors)
-    if not items:
-        return []
-    local = local_shards(items)
-    device = device or local[0].device
-    pieces: list[Tensor] = [None] * len(items)  # type: ignore[list-item]
-    whole = []
+def _local_units(local: Sequence[Tensor], device: torch.device) -> list[Tensor]:
+    """Per plain (local) tensor, float32: the norms of its rows if it has two or more dimensions, else its norm."""
+    pieces: list[Tensor] = [None] * len(local)  # type: ignore[list-item]
+    whole = [i for i, t in enumerate(local) if t.ndim <= 1]
     for i, t in enumerate(local):
-        if t.ndim <= 1:
-            whole.append(i)
-            continue
-        dims = tuple(range(1, t.ndim))
-        # float64 is reduced in its own precision; every other dtype accumulates in float32
-        rows = torch.linalg.vector_norm(t, dim=dims, dtype=None if t.dtype == torch.float64 else torch.float32)
-        pieces[i] = rows.to(device).float()
+        if t.ndim > 1:  # float64 is reduced in its own precision; every other dtype accumulates in float32
+            dtype = None if t.dtype == torch.float64 else torch.float32
+            pieces[i] = torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim)), dtype=dtype).to(device).float()
     if whole:
-        norms = full_tensor_norms([items[i] for i in whole], _local_norms([local[i] for i in whole], 2.0, device), 2.0)
-        for i, norm in zip(whole, norms.split(1)):
+        for i, norm in zip(whole, _local_norms([local[i] for i in whole], 2.0, device).split(1)):
             pieces[i] = norm
     return pieces
 
@@ -196,7 +176,8 @@ class UnitNorms(NamedTuple):
     """L2 norms of the units of a list of tensors (float32), with the per-tensor and global norms they add up to."""
 
     units: Tensor
-    """the vectors of :func:`row_norms`, concatenated"""
+    """one norm per unit, tensor after tensor: the rows (dim 0) of a tensor with two or more dimensions (of its local
+    shard under FSDP2, which shards on dim 0, so its rows are whole), the whole tensor otherwise"""
     per_tensor: Tensor
     """full-tensor norms, as :func:`grad_norms` returns them"""
     total: Tensor
@@ -206,8 +187,10 @@ class UnitNorms(NamedTuple):
 
 
 def unit_norms(tensors: Sequence[Tensor], *, device: Optional[torch.device] = None) -> UnitNorms:
-    """Unit-wise L2 norms (:func:`row_norms`, what AGC needs) and the per-tensor and global norms, from one read of
-    the tensors: the norm of a tensor is the norm of its units' norms.
+    """Unit-wise L2 norms (what AGC needs) and the per-tensor and global norms, from one read of the tensors.
+
+    A unit is a row (an output unit of a ``Linear`` or ``ConvNd`` weight) of a tensor with two or more dimensions,
+    or a whole tensor with fewer (a bias, a scalar). The norm of a tensor is the norm of its units' norms.
 
     Example::
 
@@ -220,16 +203,23 @@ def unit_norms(tensors: Sequence[Tensor], *, device: Optional[torch.device] = No
         >>> result.counts
         [2, 1]
     """
-    items = list(tensors)
-    pieces = row_norms(items, device=device)
-    if not pieces:
+    return _unit_norms(list(tensors), device)[0]
+
+
+def _unit_norms(items: list[Tensor], device: Optional[torch.device]) -> tuple[UnitNorms, Tensor]:
+    """:func:`unit_norms`, and whether this rank's own (local) tensors were finite."""
+    if not items:
         device = device or torch.device("cpu")
-        return UnitNorms(torch.zeros(0, device=device), torch.zeros(0, device=device), torch.zeros((), device=device), [])
-    # rows of a sharded tensor are local: their tensor's norm adds up over the shards (whole units already did)
-    partial = torch.stack(torch._foreach_norm(pieces, 2.0))
-    per_tensor = full_tensor_norms([t if t.ndim > 1 else None for t in items], partial, 2.0)
-    units = torch.cat(pieces)
-    return UnitNorms(units, per_tensor, torch.linalg.vector_norm(per_tensor), [piece.numel() for piece in pieces])
+        zero = torch.zeros((), device=device)
+        return UnitNorms(torch.zeros(0, device=device), torch.zeros(0, device=device), zero, []), zero < 1
+    local = local_shards(items)
+    pieces = _local_units(local, device or local[0].device)
+    local_norms = torch.stack(torch._foreach_norm(pieces, 2.0))
+    per_tensor = full_tensor_norms(items, local_norms)
+    # a whole-tensor unit is its tensor: its full norm; rows are whole in their shard already
+    units = torch.cat([p if t.ndim > 1 else n.reshape(1) for p, t, n in zip(pieces, local, per_tensor.unbind())])
+    counts = [piece.numel() for piece in pieces]
+    return UnitNorms(units, per_tensor, torch.linalg.vector_norm(per_tensor), counts), torch.isfinite(local_norms.sum())
 
 
 class StepGradients:
@@ -247,6 +237,8 @@ class StepGradients:
         per_tensor, total: full-tensor L2 norms and the global norm before anything changed the gradients (float32).
         units: :attr:`UnitNorms.units` when asked for, else ``None``.
         finite: device bool, whether ``total`` is finite.
+        local_finite: device bool, whether this rank's own gradients (its shards under FSDP2) were finite before
+            the norms were reduced over ranks: a fault seen on one rank only names that rank.
     """
 
     def __init__(
@@ -263,10 +255,17 @@ class StepGradients:
         self.local_grads = local_shards(self.grads)
         self.units: Optional[Tensor] = None
         with torch.no_grad():  # statistics of the gradients, never part of a graph
-            if with_units and self.grads:
-                self.units, self.per_tensor, self.total, _ = unit_norms(self.grads)
+            if with_units:
+                result, self.local_finite = _unit_norms(self.grads, None)
+                self.units, self.per_tensor, self.total = result.units, result.per_tensor, result.total
+            elif self.grads:
+                local = _local_norms(self.local_grads, 2.0, self.local_grads[0].device)
+                self.local_finite = torch.isfinite(local.sum())
+                self.per_tensor = full_tensor_norms(self.grads, local)
+                self.total = torch.linalg.vector_norm(self.per_tensor)
             else:
-                self.per_tensor, self.total = grad_norms(self.grads)
+                self.per_tensor, self.total = grad_norms([])
+                self.local_finite = torch.isfinite(self.total)
         self.finite: Tensor = torch.isfinite(self.total)
 
     @property
