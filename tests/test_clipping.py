@@ -701,3 +701,67 @@ def test_gradient_clip_val_as_well_is_refused_at_setup(tmp_path):
 def test_bad_arguments_fail_at_construction(kwargs, error, match):
     with pytest.raises(error, match=match):
         GradientClipping(**kwargs)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# clipping that acts on most steps; AGC's output layer
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_norm, persistent", [(1e-4, True), (1e6, False)])
+def test_persistent_clipping_warns_once_and_records_an_event(tmp_path, max_norm, persistent):
+    """A healthy run clipped on every step (a threshold far below its norms) gets one warning and one
+    ``persistent_clipping`` event; the same run with a threshold it never reaches gets neither."""
+    import warnings
+
+    from lightning_gradguard.events import read_jsonl
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, _, trainer = fit(tmp_path, GradientClipping("norm", max_norm=max_norm), max_steps=130)
+    messages = [str(w.message) for w in caught if "acts as a learning-rate cut" in str(w.message)]
+    path = tmp_path / "tb" / "version_0" / "gradguard_events.jsonl"
+    events = read_jsonl(path) if path.exists() else []
+    if persistent:
+        assert len(messages) == 1 and "on 100 of the last 100 steps" in messages[0]
+        assert [(e.kind, e.step) for e in events] == [("persistent_clipping", 99)]
+    else:
+        assert messages == [] and events == []
+
+
+class OutLayer(TinyMLP):
+    """The output layer is named ``out`` (a name no list of usual head names is sure to have)."""
+
+    def __init__(self):
+        super().__init__()
+        self.out = self.net[-1]
+        self.net = self.net[:-1]
+
+    def forward(self, x):
+        return self.out(self.net(x))
+
+
+@pytest.mark.parametrize(
+    ("model", "exclude", "left_alone", "warns"),
+    [
+        (OutLayer, None, {"out.weight", "out.bias"}, False),
+        (TinyMLP, None, {"net.6.weight", "net.6.bias"}, True),  # a Sequential index: named in a warning
+        (TinyMLP, (), set(), False),
+        (TinyMLP, [r"^net\.0\."], {"net.0.weight", "net.0.bias"}, False),
+    ],
+    ids=["named-out", "sequential-index", "none", "explicit"],
+)
+def test_agc_leaves_the_output_layer_alone(tmp_path, model, exclude, left_alone, warns):
+    import warnings
+
+    before, after = Snapshot(), Snapshot()
+    config = {"method": "agc", "agc_factor": 1e-4, **({} if exclude is None else {"agc_exclude": exclude})}
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _, module, _ = fit(tmp_path, GradientClipping(**config), before=[before], after=[after], model=model(),
+                           max_steps=3)
+    names = [n for n, p in module.named_parameters()]
+    untouched = {n for i, n in enumerate(names) if torch.equal(before.grads[2][i], after.grads[2][i])}
+    assert untouched == left_alone
+    warned = [str(w.message) for w in caught if "leaves the output layer" in str(w.message)]
+    assert bool(warned) == warns and (not warns or "`net.6`" in warned[0])
