@@ -33,8 +33,7 @@ METHOD_CONFIGS = {
 
 def _gradguard(params: list[nn.Parameter], config: dict, flush_every: int = 50) -> Callable[[], None]:
     """One step of GradientClipping's real work in the gradguard pipeline (``benchmarks/_pipeline.py``), in the
-    steady state, as in all but the first steps of a run: past the safe start and a first flush."""
-    # AdaGC's safe start is the longest (100 steps); the flush after it tells the rule it is over
+    steady state, as in all but the first steps of a run: past the safe start (AdaGC's, 100 steps, is the longest)."""
     return pipeline_case(GradientClipping(**config), params, flush_every=flush_every, warm_calls=100 + 2 * flush_every)
 
 
@@ -66,18 +65,6 @@ class AdaGCLoop:
             gamma.mul_(self.beta).add_(p.grad.norm(), alpha=1.0 - self.beta)
 
 
-def agc_bare_work(params: list[nn.Parameter]) -> None:
-    """The memory traffic any AGC implementation has, in bare torch calls and nothing else: the row norms of the
-    gradients and of the weights, and one multiply of every gradient (by 1: no coefficient arithmetic, no
-    logging). ``clip_grad_norm_`` reads the gradients twice and writes them once; AGC also reads the weights."""
-    with torch.no_grad():
-        for p in params:
-            dims = tuple(range(1, p.ndim))
-            torch.linalg.vector_norm(p.grad, dim=dims)
-            torch.linalg.vector_norm(p, dim=dims)
-    torch._foreach_mul_([p.grad for p in params], 1.0)
-
-
 def value_with_norms(params: list[nn.Parameter], clip_value: float = 0.01) -> None:
     """``clip_grad_value_`` doing what gradguard's ``"value"`` does: the gradient norm before clipping (logged as
     ``grad_norm``) and after (``grad_norm_clipped``), each as ``clip_grad_norm_`` computes it."""
@@ -87,31 +74,10 @@ def value_with_norms(params: list[nn.Parameter], clip_value: float = 0.01) -> No
     torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
-def value_floor(params: list[nn.Parameter], clip_value: float = 0.01) -> None:
-    """The least work any ``"value"`` clipping that reports the norm before and after does, in bare torch calls:
-    for each large gradient its norm, one clamp (Python-number bounds: one pass) and the norm of the result, one
-    right after the other so the last two read from cache; the small ones the same in three ``foreach`` calls. No
-    arithmetic combining the norms, no logging, nothing that keeps a non-finite gradient as it is."""
-    grads = [p.grad for p in params]
-    small = [g for g in grads if g.numel() < 16384]
-    for g in grads:
-        if g.numel() >= 16384:
-            torch.linalg.vector_norm(g)
-            g.clamp_(-clip_value, clip_value)
-            torch.linalg.vector_norm(g)
-    if small:
-        torch._foreach_norm(small)
-        torch._foreach_clamp_min_(small, -clip_value)
-        torch._foreach_clamp_max_(small, clip_value)
-        torch._foreach_norm(small)
-
-
 def cases(params: list[nn.Parameter]) -> dict[str, Callable[[], None]]:
     out: dict[str, Callable[[], None]] = {f"gradguard_{m}": _gradguard(params, c) for m, c in METHOD_CONFIGS.items()}
     out["torch_clip_grad_value_"] = lambda: torch.nn.utils.clip_grad_value_(params, 0.01)
     out["clip_grad_value_ + norms before/after"] = lambda: value_with_norms(params)
-    out["value floor (norm, clamp, norm in cache)"] = lambda: value_floor(params)
-    out["AGC bare work (row norms g, w; one mul)"] = lambda: agc_bare_work(params)
     out["timm_agc"] = lambda: timm_agc_loop(params)
     out["adagc_port_loop"] = AdaGCLoop(params).step
     try:

@@ -1,27 +1,33 @@
-"""Explosion events: the record, its JSON-lines file, its markdown report and the end-of-fit summary.
+"""Explosion events: the record, where it is written, its markdown report and the end-of-fit summary.
 
-One :class:`ExplosionEvent` is written per detected event (a step can produce several, e.g. a gradient-norm spike
-and a loss spike) as one JSON object per line of ``gradguard_events.jsonl``, appended and flushed at once so that
-the file can be read while training runs. Non-finite numbers are written as ``null`` (strict JSON has no NaN).
+Each :class:`ExplosionEvent` is one JSON object per line of ``gradguard_events.jsonl`` in the directory of the
+Trainer's first logger that has one (nothing is written without such a logger, e.g. with ``logger=False`` or
+``fast_dev_run``), appended and flushed at once so the file can be read while training runs. Non-finite numbers
+are written as ``null`` (strict JSON has no NaN). ``run_id`` tells runs that share a directory apart, and
+``attempt`` counts the fits of one run (a resumed run repeats the steps after its checkpoint under the next attempt).
 """
 
 from __future__ import annotations
 
 import json
 import math
+import uuid
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Union
 
-__all__ = ["ACTIONS", "EVENT_KINDS", "ExplosionEvent", "append_jsonl", "read_jsonl", "summary_table"]
+__all__ = ["ACTIONS", "EVENTS_FILE", "EVENT_KINDS", "EventLog", "ExplosionEvent", "read_jsonl", "summary_table"]
 
 #: ``nonfinite``: NaN/Inf gradient norm or loss. ``spike``: gradient norm far above its running baseline.
 #: ``loss_spike``: loss far above its running baseline. ``threshold``: gradient norm above the absolute ``max_norm``.
 #: ``overflow``: the AMP grad scaler found Inf/NaN and skips the step itself (not an explosion).
-EVENT_KINDS = ("nonfinite", "spike", "loss_spike", "threshold", "overflow")
+#: ``scale_collapse``: the AMP loss scale fell below 1, or the scaler skipped many steps in a row: fp16 training
+#: is stuck. ``persistent_clipping``: gradient clipping scaled most recent steps down by more than half.
+EVENT_KINDS = ("nonfinite", "spike", "loss_spike", "threshold", "overflow", "scale_collapse", "persistent_clipping")
 #: what was done about an event
 ACTIONS = ("logged", "skipped", "rewound", "raised", "scaler_skipped")
+EVENTS_FILE = "gradguard_events.jsonl"
 
 
 def _finite_or_none(value: Optional[float]) -> Optional[float]:
@@ -29,9 +35,7 @@ def _finite_or_none(value: Optional[float]) -> Optional[float]:
 
 
 def _fmt(value: Optional[float]) -> str:
-    if value is None:
-        return "n/a"
-    return f"{value:.4g}"
+    return "n/a" if value is None else f"{value:.4g}"
 
 
 @dataclass
@@ -39,23 +43,26 @@ class ExplosionEvent:
     """One explosion event.
 
     Attributes:
-        step: ``trainer.global_step`` of the optimizer step.
+        step: the step it is logged at: Lightning's logging step (``global_step`` with one optimizer).
         epoch: ``trainer.current_epoch``.
         kind: one of :data:`EVENT_KINDS`.
         grad_norm: global gradient L2 norm before clipping (``nan``/``inf`` for non-finite gradients).
-        loss: training loss of the step (mean over ranks), ``nan`` when the guard saw none.
+        loss: training loss of the step (mean over ranks), ``nan`` when none was seen.
         baseline: running center (median or mean) of the statistic that flagged the event: the loss for
             ``loss_spike``, the gradient norm otherwise; ``nan`` before any value was recorded.
         zscore: how many spreads above the baseline the value was.
         action: one of :data:`ACTIONS`.
         top_layers: ``[(parameter name, gradient norm), ...]``, largest (non-finite first) first.
-        rank: the rank the event came from when it can be told (the first rank whose loss was non-finite or the
-            rank with the largest loss, for loss-driven events), else the rank that wrote the record.
+        rank: the rank the event came from when it can be told (a rank whose own gradients or loss were
+            non-finite, or the rank with the largest loss for loss-driven events), else the rank that wrote it.
+        optimizer: index of the optimizer whose step it was.
+        global_step: ``trainer.global_step``.
+        run_id, attempt: see the module docstring.
 
     Example::
 
         >>> event = ExplosionEvent(step=7, epoch=0, kind="spike", grad_norm=120.0, loss=0.5, baseline=1.0,
-        ...                        zscore=80.0, action="skipped", top_layers=[("net.0.weight", 119.0)], rank=0)
+        ...                        zscore=80.0, action="skipped", top_layers=[("net.0.weight", 119.0)])
         >>> ExplosionEvent.from_dict(json.loads(event.to_json())) == event
         True
         >>> print(event.summary())
@@ -72,6 +79,10 @@ class ExplosionEvent:
     action: str
     top_layers: list[tuple[str, float]] = field(default_factory=list)
     rank: int = 0
+    optimizer: int = 0
+    global_step: int = -1
+    run_id: str = ""
+    attempt: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -99,6 +110,10 @@ class ExplosionEvent:
             action=str(data["action"]),
             top_layers=[(str(name), num(norm)) for name, norm in data.get("top_layers", [])],
             rank=int(data.get("rank", 0)),
+            optimizer=int(data.get("optimizer", 0)),
+            global_step=int(data.get("global_step", -1)),
+            run_id=str(data.get("run_id", "")),
+            attempt=int(data.get("attempt", 1)),
         )
 
     def summary(self) -> str:
@@ -129,19 +144,42 @@ class ExplosionEvent:
         return "\n".join(lines)
 
 
-def append_jsonl(path: Union[str, Path], events: list[ExplosionEvent]) -> None:
-    """Append one JSON line per event to ``path`` (created with its folder if missing) and flush it."""
-    if not events:
-        return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a", encoding="utf-8") as f:
-        f.write("".join(event.to_json() + "\n" for event in events))
-        f.flush()
+class EventLog:
+    """Where the events of one run go: the JSON-lines file, TensorBoard text (``gradguard/events``) and a tally
+    of this fit's events by ``(kind, action)`` for the end-of-fit summary.
+
+    Args:
+        path: the JSON-lines file, or ``None`` to write none.
+        writer: a TensorBoard ``SummaryWriter``, or ``None``.
+        run_id: the run's id (a new one by default).
+        attempt: the number of this fit within the run.
+    """
+
+    def __init__(
+        self, path: Optional[Path] = None, writer: Any = None, run_id: Optional[str] = None, attempt: int = 1
+    ) -> None:
+        self.path = path
+        self.writer = writer
+        self.run_id = run_id or uuid.uuid4().hex[:12]
+        self.attempt = attempt
+        self.tally: Counter = Counter()
+
+    def write(self, events: list[ExplosionEvent]) -> None:
+        for event in events:
+            event.run_id, event.attempt = self.run_id, self.attempt
+            self.tally[(event.kind, event.action)] += 1
+            if self.writer is not None:
+                self.writer.add_text("gradguard/events", event.to_markdown(), global_step=event.step)
+        if self.writer is not None and events:
+            self.writer.flush()
+        if self.path is not None and events:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write("".join(event.to_json() + "\n" for event in events))
 
 
 def read_jsonl(path: Union[str, Path]) -> list[ExplosionEvent]:
-    """The events written to ``path`` by :func:`append_jsonl`."""
+    """The events written to a ``gradguard_events.jsonl`` file."""
     lines = Path(path).read_text(encoding="utf-8").splitlines()
     return [ExplosionEvent.from_dict(json.loads(line)) for line in lines if line.strip()]
 

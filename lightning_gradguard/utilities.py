@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["HostSyncCounter", "KernelLaunchCounter", "device_tensor", "host_read", "to_device"]
+__all__ = ["HostSyncCounter", "device_tensor", "host_read", "to_device"]
 
 _aten = torch.ops.aten
 _SYNC_OPS = {
@@ -42,19 +42,7 @@ def _is_host_copy(func: Any, kwargs: dict) -> bool:
     return False
 
 
-class _OpCounter(TorchDispatchMode):
-    """A dispatch mode that tallies ops by name in ``counts``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.counts: Counter[str] = Counter()
-
-    @property
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-
-class HostSyncCounter(_OpCounter):
+class HostSyncCounter(TorchDispatchMode):
     """Count host synchronisations (``_local_scalar_dense``, ``nonzero``, copies to the CPU) inside a block.
 
     Example::
@@ -68,6 +56,14 @@ class HostSyncCounter(_OpCounter):
         {'_local_scalar_dense': 1}
     """
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.counts: Counter[str] = Counter()
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}
         name = _SYNC_OPS.get(func)
@@ -77,63 +73,6 @@ class HostSyncCounter(_OpCounter):
             self.counts["nonzero"] += 1
         elif _is_host_copy(func, kwargs):
             self.counts["to_cpu"] += 1
-        return func(*args, **kwargs)
-
-
-# ops that make no kernel: they only describe memory (views) or allocate it
-_NO_KERNEL = {
-    "alias", "as_strided", "detach", "empty", "empty_like", "empty_strided", "expand", "lift_fresh", "permute",
-    "reshape", "select", "slice", "split", "split_with_sizes", "squeeze", "t", "transpose", "unbind", "unsqueeze",
-    "view", "_reshape_alias", "_unsafe_view",
-}
-# tensors per launch of a fused foreach kernel (torch's multi_tensor_apply takes fewer per launch with more lists)
-_FOREACH_TENSORS_PER_LAUNCH = 64
-
-
-def _fused_foreach(lists: list[list[torch.Tensor]]) -> bool:
-    """Whether torch's fused foreach path takes these tensor lists (its ``check_fast_path_restrictions``): at each
-    position the tensors of all lists have one size, stride, dtype and device, and all are dense."""
-    for same in zip(*lists):
-        first = same[0]
-        for t in same:
-            if (t.shape, t.stride(), t.dtype, t.device) != (first.shape, first.stride(), first.dtype, first.device):
-                return False
-            if not t.is_contiguous():
-                return False
-    return True
-
-
-class KernelLaunchCounter(_OpCounter):
-    """Count the device kernels a block of code launches, as an accelerator would run it.
-
-    On a GPU a small step is bound by launches (host time per kernel), not by memory, so their number is the cost
-    that can be checked where no GPU is at hand: run the code on the ``meta`` device (the accelerator's code path,
-    no data) inside this mode. Every op counts one launch, except views and allocations (none) and ``_foreach_*``
-    ops, which count one launch per ``64`` tensors when torch's fused path takes their lists and one per tensor
-    when it does not (a multiply by broadcast factors, a 0-d bound per tensor).
-
-    Example::
-
-        >>> import torch
-        >>> xs = [torch.ones(4, device="meta") for _ in range(100)]
-        >>> same, scalar = torch.ones(4, device="meta"), torch.ones((), device="meta")
-        >>> with KernelLaunchCounter() as counter:
-        ...     _ = torch._foreach_mul_(xs, [same] * 100)  # fused: 2 launches of 64 tensors at most
-        ...     _ = torch._foreach_mul_(xs, [scalar] * 100)  # broadcast: one launch per tensor
-        >>> counter.total
-        102
-    """
-
-    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: Any = None) -> Any:
-        kwargs = kwargs or {}
-        name = func.overloadpacket.__name__
-        if name.startswith("_foreach_"):
-            lists = [a for a in args if isinstance(a, (list, tuple)) and a and isinstance(a[0], torch.Tensor)]
-            n = len(lists[0]) if lists else 1
-            fused = _fused_foreach(lists)
-            self.counts[name] += -(-n // _FOREACH_TENSORS_PER_LAUNCH) if fused else n
-        elif name not in _NO_KERNEL:
-            self.counts[name] += 1
         return func(*args, **kwargs)
 
 

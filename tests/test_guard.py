@@ -9,42 +9,31 @@ import math
 import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
-from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_gradguard.callbacks.guard import ExplosionGuard, GradientExplosionError
 from lightning_gradguard.events import read_jsonl
 from lightning_gradguard.utilities import HostSyncCounter
+from tests.helpers.faults import Faults
 from tests.helpers.models import TinyMLP, tiny_trainer
+from tests.helpers.reads import NormReadCounter
+from tests.helpers.sync import counting
 from tests.helpers.tb import load_events, read_layout, read_scalars
 
 SPIKE_LAYER = "net.2.weight"
 
 
-class Faulty(TinyMLP):
-    """TinyMLP with faults injected at chosen optimizer steps.
+def faults(nan_steps=(), spike_steps=(), loss_offset_steps=()) -> Faults:
+    """NaN losses (so NaN gradients), 1000x gradients of ``net.2.weight``, and +50 on the loss (a loss spike that
+    leaves the gradients alone) at the given steps. Listed before the guard."""
+    loss = {**dict.fromkeys(nan_steps, "nan"), **dict.fromkeys(loss_offset_steps, 50.0)}
+    return Faults(loss=loss, grads=dict.fromkeys(spike_steps, 1000.0), layer=SPIKE_LAYER)
 
-    ``nan_steps``: the loss is NaN (so are all gradients). ``spike_steps``: the gradient of ``net.2.weight`` is
-    multiplied by 1000 after backward. ``loss_offset_steps``: 50 is added to the loss (a loss spike that leaves the
-    gradients alone).
-    """
 
-    def __init__(self, nan_steps=(), spike_steps=(), loss_offset_steps=(), **kwargs):
-        super().__init__(**kwargs)
-        self.nan_steps, self.spike_steps = set(nan_steps), set(spike_steps)
-        self.loss_offset_steps = set(loss_offset_steps)
-
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        if self.global_step in self.nan_steps:
-            loss = loss * math.nan
-        if self.global_step in self.loss_offset_steps:
-            loss = loss + 50.0
-        return loss
-
-    def on_after_backward(self):
-        if self.global_step in self.spike_steps:
-            self.net[2].weight.grad.mul_(1000.0)
+def logger(tmp_path, name="logs"):
+    """A CSV logger: the events file goes to its directory."""
+    return CSVLogger(tmp_path, name=name, version=0)
 
 
 class RepairAfterGuard(Callback):
@@ -79,25 +68,6 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
         assert torch.equal(a[key], b[key]), key
 
 
-class SyncCountingGuard(ExplosionGuard):
-    """Counts host syncs in the per-step pipeline and in the loss hook."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.step_syncs: list[int] = []
-        self.backward_syncs: list[int] = []
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        with HostSyncCounter() as counter:
-            super().on_before_optimizer_step(trainer, pl_module, optimizer)
-        self.step_syncs.append(counter.total)
-
-    def on_before_backward(self, trainer, pl_module, loss):
-        with HostSyncCounter() as counter:
-            super().on_before_backward(trainer, pl_module, loss)
-        self.backward_syncs.append(counter.total)
-
-
 @pytest.mark.parametrize(
     ("kwargs", "error", "match"),
     [
@@ -110,9 +80,14 @@ class SyncCountingGuard(ExplosionGuard):
         ({"window": 0}, ValueError, r"`window` to be a positive integer but got 0"),
         ({"window": 8, "warmup": 9}, ValueError, r"`warmup` to be at most `window` \(8\) but got 9"),
         ({"top_k": 2.5}, ValueError, r"`top_k` to be a positive integer but got 2.5"),
-        ({"lr_factor": 1.5}, ValueError, r"`lr_factor` to be a number in \(0, 1\] but got 1.5"),
-        ({"lr_factor": 0}, ValueError, r"`lr_factor` to be a number in \(0, 1\] but got 0"),
-        ({"snapshot_device": "gpu"}, ValueError, r"`snapshot_device` to be 'cpu' or 'same' but got 'gpu'"),
+        ({"on_spike": "rewind", "lr_factor": 1.5}, ValueError, r"`lr_factor` to be a number in \(0, 1\] but got 1.5"),
+        ({"on_spike": "rewind", "lr_factor": 0}, ValueError, r"`lr_factor` to be a number in \(0, 1\] but got 0"),
+        ({"on_spike": "rewind", "snapshot_device": "gpu"}, ValueError, r"`snapshot_device` to be 'cpu' or 'same'"),
+        ({"schedule_on_skip": "freeze"}, ValueError, r"`schedule_on_skip` to be 'advance' or 'hold' but got 'freeze'"),
+        # rewind options on a guard that never rewinds are errors, not ignored
+        ({"lr_factor": 0.5}, ValueError, r"`lr_factor` applies to the 'rewind' response only but got lr_factor=0.5"),
+        ({"on_spike": "skip", "snapshot_interval": 10}, ValueError, r"`snapshot_interval` applies to the 'rewind'"),
+        ({"on_nonfinite": "raise", "max_rewinds": 2}, ValueError, r"`max_rewinds` applies to the 'rewind' response"),
         ({"detect_loss": "yes"}, TypeError, r"`detect_loss` to be a bool but got str"),
         (
             {"on_spike": "rewind", "rewind_patience": 4, "max_consecutive_skips": 2},
@@ -127,26 +102,29 @@ def test_bad_arguments_are_rejected_with_a_clear_message(kwargs, error, match):
 
 
 def test_log_mode_is_sync_free_and_reports_every_event_with_its_layer(tmp_path, caplog):
-    guard = SyncCountingGuard(on_nonfinite="log", on_spike="log", window=16, warmup=5, max_norm=100.0, flush_interval=4)
+    guard = counting(ExplosionGuard)(on_nonfinite="log", on_spike="log", window=16, warmup=5, max_norm=100.0,
+                                     flush_interval=4)
     tb = TensorBoardLogger(tmp_path, name="tb", version=0)
-    model = Faulty(nan_steps={6}, spike_steps={10}, loss_offset_steps={14})
+    model = TinyMLP()
+    injected = faults(nan_steps={6}, spike_steps={10}, loss_offset_steps={14})
     # the summary is an INFO record of Lightning's rank-zero logger; another test may have raised that level
     caplog.set_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addHandler(caplog.handler)
     try:
-        tiny_trainer(tmp_path, max_steps=18, callbacks=[guard, RepairAfterGuard({6, 10})], logger=tb).fit(model)
+        tiny_trainer(tmp_path, max_steps=18, callbacks=[injected, guard, RepairAfterGuard({6, 10})], logger=tb).fit(model)
     finally:
         logging.getLogger("lightning.pytorch.utilities.rank_zero").removeHandler(caplog.handler)
 
     # no host read on the hot path, in the pipeline nor in the loss hook
-    assert guard.step_syncs == [0] * 18
-    assert guard.backward_syncs == [0] * 18
+    assert guard.syncs["step"] == [0] * 18
+    assert guard.syncs["backward"] == [0] * 18
 
     events = read_jsonl(guard.events_path)
     assert guard.events_path == tmp_path / "tb" / "version_0" / "gradguard_events.jsonl"
     expected = [(6, "nonfinite"), (10, "spike"), (10, "threshold"), (14, "loss_spike")]
     assert [(e.step, e.kind) for e in events] == expected
     assert all(e.action == "logged" and e.epoch == 0 and e.rank == 0 for e in events)
+    assert len({e.run_id for e in events}) == 1 and all(e.attempt == 1 for e in events)
     nonfinite, spike, threshold, loss_spike = events
     assert math.isnan(nonfinite.grad_norm) and math.isnan(nonfinite.loss)
     # the layer whose gradient was blown up is named first; its norm dominates the global norm
@@ -169,7 +147,8 @@ def test_log_mode_is_sync_free_and_reports_every_event_with_its_layer(tmp_path, 
     report = texts[1].tensor_proto.string_val[0].decode()
     assert "**spike** at step 10" in report and f"| 1 | {SPIKE_LAYER} |" in report
     assert read_layout(tb.log_dir)["gradguard"]["events"] == [r"gradguard/events/.*", r"gradguard/guard/.*"]
-    assert guard.event_counts == {"nonfinite": 1, "spike": 1, "loss_spike": 1, "threshold": 1, "overflow": 0}
+    assert guard.event_counts == {"nonfinite": 1, "spike": 1, "loss_spike": 1, "threshold": 1, "overflow": 0,
+                                  "scale_collapse": 0, "persistent_clipping": 0}
 
     # the end-of-fit summary on rank 0
     summary = next(r.getMessage() for r in caplog.records if "ExplosionGuard summary" in r.getMessage())
@@ -192,17 +171,17 @@ class StateAroundStep(Callback):
             self.after = tensors_of(pl_module, trainer.optimizers[0])
 
 
-class OptimizerChoice(Faulty):
-    def __init__(self, optimizer_name: str, **kwargs):
+class OptimizerChoice(TinyMLP):
+    def __init__(self, optimizer_name: str, fused: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.optimizer_name = optimizer_name
+        self.optimizer_name, self.fused = optimizer_name, fused
 
     def configure_optimizers(self):
         if self.optimizer_name == "adam":
-            return torch.optim.Adam(self.parameters(), lr=1e-2)
+            return torch.optim.Adam(self.parameters(), lr=1e-2, fused=self.fused)
         if self.optimizer_name == "adamw":
-            return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1)
-        return torch.optim.SGD(self.parameters(), lr=1e-2, momentum=0.9, weight_decay=1e-3)
+            return torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.1, fused=self.fused)
+        return torch.optim.SGD(self.parameters(), lr=1e-2, momentum=0.9, weight_decay=1e-3, fused=self.fused)
 
 
 # the responses that act on the model, also on a GPU (scripts/gpu_check.sh runs the "cuda" cases)
@@ -214,20 +193,20 @@ ACCELERATORS = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.c
 def test_skip_leaves_parameters_and_optimizer_state_bitwise_unchanged(tmp_path, optimizer_name, accelerator):
     nan_step = 5
     around = StateAroundStep(nan_step)
-    guard = SyncCountingGuard(on_nonfinite="skip", window=16, warmup=4)
-    model = OptimizerChoice(optimizer_name, nan_steps={nan_step})
-    tiny_trainer(tmp_path, max_steps=10, callbacks=[guard, around], accelerator=accelerator).fit(model)
+    guard = counting(ExplosionGuard)(on_nonfinite="skip", window=16, warmup=4)
+    model = OptimizerChoice(optimizer_name)
+    callbacks = [faults(nan_steps={nan_step}), guard, around]
+    tiny_trainer(tmp_path, max_steps=10, callbacks=callbacks, accelerator=accelerator, logger=logger(tmp_path)).fit(model)
 
     assert_bitwise_equal(around.before, around.after)  # no parameter, moment, step count or decay changed
     assert guard.skipped == 1 and guard.consecutive_skips == 0
     assert all(torch.isfinite(p).all() for p in model.parameters())
     # the step before and the steps after did change the model: training went on
     assert not torch.equal(around.after[f"param/{SPIKE_LAYER}"].cpu(), model.net[2].weight.detach().cpu())
-    # the opt-in decision costs exactly one host read per step, and nothing else does
-    assert guard.step_syncs == [1] * 10
-    assert guard.backward_syncs == [0] * 10
-    # no logger: the events file goes to default_root_dir
-    (event,) = read_jsonl(tmp_path / "gradguard_events.jsonl")
+    # the opt-in decision costs exactly one host read per step (foreach/for-loop optimizers), and nothing else does
+    assert guard.syncs["step"] == [1] * 10
+    assert guard.syncs["backward"] == [0] * 10
+    (event,) = read_jsonl(guard.events_path)
     assert (event.step, event.kind, event.action) == (nan_step, "nonfinite", "skipped")
 
 
@@ -235,7 +214,7 @@ def test_skip_leaves_parameters_and_optimizer_state_bitwise_unchanged(tmp_path, 
 def test_raise_stops_fit_with_a_report_naming_step_norm_and_layers(tmp_path, fault, kind):
     guard = ExplosionGuard(on_nonfinite="raise", on_spike="raise", window=16, warmup=4, detect_loss=False)
     with pytest.raises(GradientExplosionError) as info:
-        tiny_trainer(tmp_path, max_steps=12, callbacks=[guard]).fit(Faulty(**fault))
+        tiny_trainer(tmp_path, max_steps=12, callbacks=[faults(**fault), guard], logger=logger(tmp_path)).fit(TinyMLP())
     error = info.value
     assert error.event.step == 7 and error.event.kind == kind and error.event.action == "raised"
     message = str(error)
@@ -249,16 +228,18 @@ def test_raise_stops_fit_with_a_report_naming_step_norm_and_layers(tmp_path, fau
         assert "gradient norm nan" in message and "on_nonfinite='raise'" in message
     assert f"| 1 | {error.event.top_layers[0][0]} |" in error.report
     # the event was written before the raise
-    written = read_jsonl(tmp_path / "gradguard_events.jsonl")
+    written = read_jsonl(guard.events_path)
     assert [(e.step, e.kind, e.action) for e in written] == [(7, kind, "raised")]
 
 
 def test_too_many_consecutive_skips_raise(tmp_path):
     guard = ExplosionGuard(on_nonfinite="skip", max_consecutive_skips=3)
     with pytest.raises(GradientExplosionError, match=r"3 steps in a row were skipped \(max_consecutive_skips=3\)"):
-        tiny_trainer(tmp_path, max_steps=20, callbacks=[guard]).fit(Faulty(nan_steps=set(range(4, 20))))
+        tiny_trainer(tmp_path, max_steps=20, callbacks=[faults(nan_steps=range(4, 20)), guard], logger=logger(tmp_path)).fit(
+            TinyMLP()
+        )
     assert guard.skipped == 3
-    actions = [(e.step, e.action) for e in read_jsonl(tmp_path / "gradguard_events.jsonl")]
+    actions = [(e.step, e.action) for e in read_jsonl(guard.events_path)]
     assert actions == [(4, "skipped"), (5, "skipped"), (6, "raised")]
 
 
@@ -275,10 +256,23 @@ class LRJump(Callback):
                 group["lr"] *= self.factor
 
 
+class StepLR(Callback):
+    """The learning rate each optimizer step is taken with (read inside the step, after the guard's factor)."""
+
+    def __init__(self):
+        self.lrs: dict[int, float] = {}
+
+    def on_train_start(self, trainer, pl_module):
+        def record(optimizer, *args):
+            self.lrs[trainer.global_step] = float(optimizer.param_groups[0]["lr"])
+
+        trainer.optimizers[0].register_step_pre_hook(record)
+
+
 def test_lr_jump_divergence_rewind_recovers_and_log_shows_where_it_started(tmp_path):
     jump, kwargs = 17, dict(window=16, warmup=8, flush_interval=10)
 
-    diverged = Faulty()
+    diverged = TinyMLP()
     log_guard = ExplosionGuard(on_nonfinite="log", on_spike="log", **kwargs)
     log_tb = TensorBoardLogger(tmp_path, name="log", version=0)
     tiny_trainer(tmp_path, max_steps=60, callbacks=[log_guard, LRJump(jump, 40.0)], logger=log_tb).fit(diverged)
@@ -293,15 +287,16 @@ def test_lr_jump_divergence_rewind_recovers_and_log_shows_where_it_started(tmp_p
     assert [n for _, n in first.top_layers] == sorted((n for _, n in first.top_layers), reverse=True)
     assert any(e.kind == "nonfinite" for e in log_events)
 
-    recovered = Faulty()
+    recovered = TinyMLP()
     snapshot_step = 15  # the last multiple of snapshot_interval before the jump
     around = StateAroundStep(snapshot_step)
     guard = ExplosionGuard(
         on_nonfinite="rewind", on_spike="rewind", snapshot_interval=5, rewind_patience=2, lr_factor=0.5, **kwargs
     )
     rewind_tb = TensorBoardLogger(tmp_path, name="rewind", version=0)
+    probe = StepLR()
     rewind_trainer = tiny_trainer(
-        tmp_path, max_steps=60, callbacks=[guard, LRJump(jump, 40.0), around], logger=rewind_tb
+        tmp_path, max_steps=60, callbacks=[guard, LRJump(jump, 40.0), around, probe], logger=rewind_tb
     )
     rewind_trainer.fit(recovered)
     final_loss = dataset_loss(recovered)
@@ -312,9 +307,10 @@ def test_lr_jump_divergence_rewind_recovers_and_log_shows_where_it_started(tmp_p
     scalars = read_scalars(rewind_tb.log_dir)
     assert scalars["gradguard/guard/rewinds"] == {jump + 2: 1.0}
     assert scalars["gradguard/guard/skipped"] == {jump + 1: 1.0, jump + 2: 2.0}
-    # the learning rate went back to the snapshot's (before the jump) and was halved
-    assert rewind_trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05 * 0.5)
+    # the learning rate went back to the snapshot's (before the jump); the optimizer steps with half of it
+    assert rewind_trainer.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.05)
     assert guard.lr_scale == 0.5
+    assert probe.lrs[jump - 1] == pytest.approx(0.05) and probe.lrs[jump + 3] == pytest.approx(0.025)
     # snapshots: healthy steps at multiples of 5, copied to the CPU; its size is the model plus momentum buffers
     n_params = sum(p.numel() for p in recovered.parameters())
     assert guard.snapshot_nbytes == 2 * 4 * n_params
@@ -353,7 +349,7 @@ class RecordingRestore(Callback):
         self.end[trainer.global_step - 1] = tensors_of(pl_module, trainer.optimizers[0])
 
 
-class JumpingSchedule(Faulty):
+class JumpingSchedule(TinyMLP):
     """Adam with a learning-rate schedule that jumps 100-fold at step 12 and stays there."""
 
     def configure_optimizers(self):
@@ -376,19 +372,21 @@ def test_rewind_restores_the_snapshot_exactly_and_gives_up_after_max_rewinds(tmp
         lr_factor=0.5,
         snapshot_device=snapshot_device,
     )
-    trainer = tiny_trainer(tmp_path, max_steps=40, callbacks=[guard, recorder], accelerator=accelerator)
+    trainer = tiny_trainer(
+        tmp_path, max_steps=40, callbacks=[guard, recorder], accelerator=accelerator, logger=logger(tmp_path)
+    )
     with pytest.raises(GradientExplosionError, match=r"2 rewinds did not help \(max_rewinds=2\)"):
         trainer.fit(JumpingSchedule())
     assert guard.rewinds == 2
-    rewinds = sorted({e.step for e in read_jsonl(tmp_path / "gradguard_events.jsonl") if e.action == "rewound"})
+    rewinds = sorted({e.step for e in read_jsonl(guard.events_path) if e.action == "rewound"})
     assert rewinds == [13, 15]
     # the snapshot of step 12 (healthy: the jumped rate has not acted yet) is restored twice; parameters and Adam
     # state are then bitwise those of that step
     for step in rewinds:
         assert_bitwise_equal(recorder.end[step], recorder.start[12])
-    # the schedule was rewound too, and its base rate halved at each rewind (from the snapshot's, cumulatively);
+    # the schedule itself is left to its scheduler; the rewinds' factor (halved twice) applies inside each step,
     # still 25-fold too high, so the run explodes again and the guard gives up
-    assert trainer.lr_scheduler_configs[0].scheduler.base_lrs == [pytest.approx(1e-2 * 0.25)]
+    assert trainer.lr_scheduler_configs[0].scheduler.base_lrs == [pytest.approx(1e-2)]
     assert guard.lr_scale == 0.25
 
 
@@ -398,12 +396,12 @@ def test_resumed_run_makes_the_same_decisions_as_an_uninterrupted_run(tmp_path):
             on_nonfinite="skip", on_spike="rewind", window=16, warmup=8, snapshot_interval=4, rewind_patience=1,
             lr_factor=0.5,
         )
-        model = Faulty(nan_steps={3}, spike_steps={13}, num_samples=80)  # 10 batches per epoch
+        model = TinyMLP(num_samples=80)  # 10 batches per epoch
         checkpoint = ModelCheckpoint(dirpath=tmp_path / root / "ckpt", every_n_train_steps=10, save_top_k=-1)
-        callbacks = [guard, checkpoint]
-        tiny_trainer(tmp_path / root, max_steps=max_steps, callbacks=callbacks, enable_checkpointing=True).fit(
-            model, ckpt_path=ckpt_path
-        )
+        callbacks = [faults(nan_steps={3}, spike_steps={13}), guard, checkpoint]
+        tiny_trainer(
+            tmp_path, max_steps=max_steps, callbacks=callbacks, enable_checkpointing=True, logger=logger(tmp_path, root)
+        ).fit(model, ckpt_path=ckpt_path)
         return guard, model
 
     full_guard, full_model = run(20, "full")
@@ -419,8 +417,11 @@ def test_resumed_run_makes_the_same_decisions_as_an_uninterrupted_run(tmp_path):
     assert_state_equal(resumed_guard.state_dict(), full_guard.state_dict())
     for a, b in zip(full_model.parameters(), resumed_model.parameters()):
         assert torch.equal(a, b)
-    events = lambda root: [(e.step, e.kind, e.action) for e in read_jsonl(tmp_path / root / "gradguard_events.jsonl")]
-    assert events("part") == events("full") == [(3, "nonfinite", "skipped"), (13, "spike", "rewound")]
+    full, part = read_jsonl(full_guard.events_path), read_jsonl(resumed_guard.events_path)
+    assert [(e.step, e.kind, e.action) for e in part] == [(e.step, e.kind, e.action) for e in full]
+    assert [(e.step, e.kind, e.action) for e in full] == [(3, "nonfinite", "skipped"), (13, "spike", "rewound")]
+    # one run in one directory: the resumed fit is its second attempt
+    assert [e.attempt for e in part] == [1, 2] and part[0].run_id == part[1].run_id != full[0].run_id
 
 
 def test_load_state_dict_accepts_an_empty_state():
@@ -456,8 +457,8 @@ def test_amp_overflow_on_cpu_is_reported_as_overflow_and_not_skipped_twice(tmp_p
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**20))
     guard, recorder = ExplosionGuard(on_nonfinite="skip", on_spike="skip", window=16, warmup=4), ScalerRecorder()
     model = TinyMLP()
-    tiny_trainer(tmp_path, max_steps=16, plugins=[plugin], callbacks=[guard, recorder]).fit(model)
-    check_overflow_is_reported_not_skipped(guard, recorder, tmp_path / "gradguard_events.jsonl")
+    tiny_trainer(tmp_path, max_steps=16, plugins=[plugin], callbacks=[guard, recorder], logger=logger(tmp_path)).fit(model)
+    check_overflow_is_reported_not_skipped(guard, recorder, guard.events_path)
     assert not all(recorder.found_inf.values()), "the scale must have come down and training resumed"
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
@@ -466,38 +467,34 @@ def test_amp_overflow_on_cpu_is_reported_as_overflow_and_not_skipped_twice(tmp_p
 def test_amp_overflow_on_cuda_is_reported_as_overflow_and_not_skipped_twice(tmp_path):
     guard, recorder = ExplosionGuard(on_nonfinite="skip", on_spike="skip", window=16, warmup=4), ScalerRecorder()
     callbacks = [guard, recorder]
-    trainer = tiny_trainer(tmp_path, accelerator="cuda", precision="16-mixed", max_steps=16, callbacks=callbacks)
+    trainer = tiny_trainer(tmp_path, accelerator="cuda", precision="16-mixed", max_steps=16, callbacks=callbacks,
+                           logger=logger(tmp_path))
     trainer.precision_plugin.scaler = torch.amp.GradScaler("cuda", init_scale=2.0**20)
     trainer.fit(TinyMLP())
-    check_overflow_is_reported_not_skipped(guard, recorder, tmp_path / "gradguard_events.jsonl")
+    check_overflow_is_reported_not_skipped(guard, recorder, guard.events_path)
 
 
-def test_with_gradient_clipping_the_guard_sees_the_pre_clip_norm_from_the_one_norm_computation(tmp_path, monkeypatch):
-    from lightning_gradguard.callbacks import _runtime
+def test_with_gradient_clipping_the_guard_sees_the_pre_clip_norm_from_the_one_norm_computation(tmp_path):
     from lightning_gradguard.callbacks.clipping import GradientClipping
-    from lightning_gradguard.functional import clipping as clipping_math
 
-    calls = []
+    reads = []
 
-    def counted(real):
-        def wrapper(*args, **kwargs):
-            calls.append(1)
-            return real(*args, **kwargs)
+    class ReadCountingClipping(GradientClipping):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
+            with NormReadCounter(grads, []) as counter:
+                super().on_before_optimizer_step(trainer, pl_module, optimizer)
+            reads.append(counter.reads["grad"] / max(len(grads), 1))
 
-        return wrapper
-
-    # instrumentation only: every norm computation of the pipeline and of the clipping math goes through here
-    monkeypatch.setattr(_runtime, "_norms_of", counted(_runtime._norms_of))
-    monkeypatch.setattr(_runtime, "grad_norms", counted(_runtime.grad_norms))
-    monkeypatch.setattr(clipping_math, "grad_norms", counted(clipping_math.grad_norms))
-    clipping = GradientClipping("norm", max_norm=1.0)
+    clipping = ReadCountingClipping("norm", max_norm=1.0)
     guard = ExplosionGuard(on_nonfinite="skip", on_spike="log", window=16, warmup=4, flush_interval=5)
     tb = TensorBoardLogger(tmp_path, name="tb", version=0)
-    model = Faulty(nan_steps={5}, spike_steps={8})
+    model = TinyMLP()
     # clipping listed first: the pipeline still runs the guard (stage 10) before clipping (stage 20)
-    tiny_trainer(tmp_path, max_steps=12, callbacks=[clipping, guard], logger=tb).fit(model)
+    callbacks = [faults(nan_steps={5}, spike_steps={8}), clipping, guard]
+    tiny_trainer(tmp_path, max_steps=12, callbacks=callbacks, logger=tb).fit(model)
 
-    assert len(calls) == 12, "one norm computation per optimizer step, shared by guard and clipping"
+    assert reads == [1.0] * 12, "every gradient is read once per step for norms, shared by guard and clipping"
     scalars = read_scalars(tb.log_dir)
     nonfinite, spike = read_jsonl(guard.events_path)
     assert (spike.step, spike.kind) == (8, "spike") and spike.top_layers[0][0] == SPIKE_LAYER

@@ -10,8 +10,9 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-from lightning_gradguard import GradientNormMonitor, HostSyncCounter
+from lightning_gradguard import GradientNormMonitor
 from tests.helpers.models import TinyMLP, tiny_trainer
+from tests.helpers.sync import counting
 from tests.helpers.tb import load_events, read_layout, read_scalars
 
 
@@ -25,25 +26,6 @@ class ClipGradNormReference(Callback):
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         norm = torch.nn.utils.clip_grad_norm_(pl_module.parameters(), self.max_norm)
         self.norms[trainer.global_step] = norm.item()
-
-
-class SyncCountingMonitor(GradientNormMonitor):
-    """Counts host syncs inside the per-step hook and inside each flush-capable hook."""
-
-    def __init__(self, **kwargs):
-        super().__init__(**kwargs)
-        self.step_syncs: list[int] = []
-        self.batch_end_syncs: list[int] = []
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        with HostSyncCounter() as counter:
-            super().on_before_optimizer_step(trainer, pl_module, optimizer)
-        self.step_syncs.append(counter.total)
-
-    def on_train_batch_end(self, trainer, pl_module, *args, **kwargs):
-        with HostSyncCounter() as counter:
-            super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
-        self.batch_end_syncs.append(counter.total)
 
 
 def test_logged_norm_equals_clip_grad_norm_pre_clip_norm_at_every_step(tmp_path):
@@ -93,7 +75,7 @@ def test_dashboard_layout_and_histograms(tmp_path):
     assert "gradguard" in layout
     charts = layout["gradguard"]
     assert any("grad_norm" in regex for regex in charts["gradient norm"])
-    assert charts["layer norms"] == [r"gradguard/layer/.*"]
+    assert charts["layer norms"] == [r"gradguard/(opt\d+/)?layer/.*"]
 
     events = load_events(tb.log_dir)
     hist_tags = events.Tags()["histograms"]
@@ -107,13 +89,13 @@ def test_dashboard_layout_and_histograms(tmp_path):
 
 
 def test_no_host_sync_per_step_and_one_read_per_flush(tmp_path):
-    monitor = SyncCountingMonitor(layer_interval=2, histogram_interval=3, flush_interval=4)
+    monitor = counting(GradientNormMonitor)(layer_interval=2, histogram_interval=3, flush_interval=4)
     tb = TensorBoardLogger(tmp_path, name="tb", version=0)
     trainer = tiny_trainer(tmp_path, max_steps=12, callbacks=[monitor], logger=tb)
     trainer.fit(TinyMLP())
-    assert monitor.step_syncs == [0] * 12
+    assert monitor.syncs["step"] == [0] * 12
     # a flush every 4 steps: one host read in that step's batch-end hook, none elsewhere
-    assert monitor.batch_end_syncs == [0, 0, 0, 1] * 3
+    assert monitor.syncs["batch_end"] == [0, 0, 0, 1] * 3
     assert sorted(read_scalars(tb.log_dir)["gradguard/grad_norm"]) == list(range(12))
 
 
@@ -163,18 +145,31 @@ class TwoOptimizerGAN(L.LightningModule):
 
 
 def test_manual_optimization_with_two_optimizers_logs_one_series_per_optimizer(tmp_path):
-    model = TwoOptimizerGAN()
+    """Each optimizer gets its own series and its own per-layer interval, tagged ``opt<i>``, on the step axis of
+    Lightning's ``self.log`` (batches that stepped), not on ``global_step`` (which counts both optimizers)."""
+
+    class Logging(TwoOptimizerGAN):
+        def training_step(self, batch, batch_idx):
+            super().training_step(batch, batch_idx)
+            self.log("batch_marker", float(batch_idx))
+
+    model = Logging()
     tb = TensorBoardLogger(tmp_path, name="tb", version=0)
-    trainer = tiny_trainer(tmp_path, max_steps=8, callbacks=[GradientNormMonitor(layer_interval=None)], logger=tb)
+    trainer = tiny_trainer(
+        tmp_path, max_steps=16, callbacks=[GradientNormMonitor(layer_interval=2)], logger=tb, log_every_n_steps=1
+    )
     trainer.fit(model)
     scalars = read_scalars(tb.log_dir)
     assert "gradguard/grad_norm" not in scalars
     gen, disc = scalars["gradguard/opt0/grad_norm"], scalars["gradguard/opt1/grad_norm"]
-    # global_step counts every optimizer step: the discriminator steps first in each batch
-    assert list(disc.values()) == pytest.approx(model.norms["disc"][: len(disc)], rel=1e-6)
-    assert list(gen.values()) == pytest.approx(model.norms["gen"][: len(gen)], rel=1e-6)
-    assert len(gen) + len(disc) == 8
-    assert not set(gen) & set(disc), "each optimizer step has its own step number"
+    assert sorted(gen) == sorted(disc) == list(range(8)), "one value per batch for each optimizer"
+    assert sorted(scalars["batch_marker"]) == list(range(8)), "the same axis as Lightning's own logging"
+    assert [disc[s] for s in range(8)] == pytest.approx(model.norms["disc"], rel=1e-6)
+    assert [gen[s] for s in range(8)] == pytest.approx(model.norms["gen"], rel=1e-6)
+    for prefix, names in (("opt0", ["gen.weight", "gen.bias"]), ("opt1", ["disc.weight", "disc.bias"])):
+        for name in names:
+            assert sorted(scalars[f"gradguard/{prefix}/layer/{name}"]) == [0, 2, 4, 6], (prefix, name)
+    assert not any(tag.startswith("gradguard/layer/") for tag in scalars)
 
 
 def test_bf16_mixed_precision_on_cpu(tmp_path):
@@ -209,23 +204,29 @@ def test_resume_from_checkpoint_continues_step_numbers(tmp_path):
         trainer.fit(TinyMLP(), ckpt_path=ckpt_path)
         return monitor, tb
 
-    first, _ = run(6)
-    assert first.steps_recorded == 6
-    resumed, tb = run(11, ckpt_path=str(next(ckpt_dir.glob("*step=6*.ckpt"))))
-    assert resumed.steps_recorded == 11 and resumed.last_step == 10
+    run(6)
+    _, tb = run(11, ckpt_path=str(next(ckpt_dir.glob("*step=6*.ckpt"))))
     logged = read_scalars(tb.log_dir)["gradguard/grad_norm"]
     assert sorted(logged) == list(range(11)), "steps continue after resume, none written twice or lost"
     assert logged == pytest.approx(reference.norms, rel=1e-6)
 
 
-def test_state_dict_round_trip():
-    monitor = GradientNormMonitor()
-    monitor.steps_recorded, monitor.last_step = 42, 41
-    other = GradientNormMonitor()
-    other.load_state_dict(monitor.state_dict())
-    assert (other.steps_recorded, other.last_step) == (42, 41)
-    other.load_state_dict({})  # an older checkpoint without these keys still loads
-    assert (other.steps_recorded, other.last_step) == (0, -1)
+def test_callback_metrics_feed_early_stopping(tmp_path):
+    """Opt-in: the flushed values reach ``trainer.callback_metrics``, so EarlyStopping can stop on the norm."""
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    monitor = GradientNormMonitor(layer_interval=None, flush_interval=2, callback_metrics=True)
+    # stop as soon as the gradient norm is checked at the end of the first epoch: it is never below 0
+    stop = EarlyStopping("gradguard/grad_norm", stopping_threshold=1e9, check_on_train_epoch_end=True)
+    trainer = tiny_trainer(tmp_path, max_epochs=5, max_steps=-1, callbacks=[monitor, stop], logger=False)
+    trainer.fit(TinyMLP(num_samples=32))
+    assert trainer.current_epoch == 1 and trainer.global_step == 4, "stopped after the first epoch"
+    assert trainer.callback_metrics["gradguard/grad_norm"] > 0
+    assert "gradguard/grad_norm_max" in trainer.callback_metrics
+    # off by default: nothing added
+    trainer = tiny_trainer(tmp_path, max_steps=4, callbacks=[GradientNormMonitor(flush_interval=2)], logger=False)
+    trainer.fit(TinyMLP(num_samples=32))
+    assert not any(key.startswith("gradguard/") for key in trainer.callback_metrics)
 
 
 def test_warns_once_without_logger(tmp_path):

@@ -6,7 +6,13 @@ import pytest
 import torch
 
 from lightning_gradguard import HostSyncCounter
-from lightning_gradguard.functional import grad_norms, total_norm, unit_norms, unit_values, validate_norm_type
+from lightning_gradguard.functional import (
+    StepGradients,
+    grad_norms,
+    total_norm,
+    unit_norms,
+    validate_norm_type,
+)
 
 SHAPES = [(7,), (3, 5), (2, 3, 4), (1,), (64, 33), (5, 1, 2, 2)]
 
@@ -134,46 +140,8 @@ def test_unit_norms_give_rows_tensors_and_total_in_one_pass(dtypes):
     torch.testing.assert_close(result.per_tensor, per_tensor, rtol=1e-6, atol=0)
     torch.testing.assert_close(result.total, total, rtol=1e-6, atol=0)
     assert result.units.dtype == result.per_tensor.dtype == torch.float32
-    assert torch.equal(unit_values(tensors), result.units)
     empty = unit_norms([])
     assert empty.units.numel() == 0 and empty.total.item() == 0.0 and empty.counts == []
-    assert unit_values([]).numel() == 0
-
-
-@pytest.mark.parametrize("grouped", [False, True])
-def test_segments_sum_each_segment_and_agree_across_layouts(grouped):
-    """Per-tensor sums of unit values: ``segment_reduce`` (CPU) and the gathered matrices used on CUDA give the
-    segment sums, for repeated, single and empty segments, in the input order, the same bits on every call."""
-    from lightning_gradguard.functional.norms import Segments
-
-    lengths = [3, 1, 3, 0, 7, 1, 3, 2]
-    values = torch.rand(sum(lengths), generator=torch.Generator().manual_seed(0))
-    segments = Segments(lengths, torch.device("cpu"), grouped=grouped)
-    expected = torch.stack([part.sum() for part in values.split(lengths)])
-    result = segments.sum(values)
-    torch.testing.assert_close(result, expected)
-    assert result[3] == 0.0
-    assert torch.equal(segments.sum(values.clone()), result)
-    # the maxima (quantization's per-tensor absmax), at least 0 and 0 for an empty segment
-    maxima = segments.reduce(values, "max")
-    expected_max = torch.stack([part.max() if part.numel() else torch.tensor(0.0) for part in values.split(lengths)])
-    torch.testing.assert_close(maxima, expected_max, rtol=0, atol=0)
-    if grouped:
-        assert sorted(n for _, n, _ in segments.groups) == [0, 1, 2, 3, 7]
-
-
-def test_host_to_device_helpers_and_cached_indices():
-    from lightning_gradguard.functional.norms import _index_on
-    from lightning_gradguard.utilities import device_tensor, to_device
-
-    t = torch.arange(3.0)
-    assert to_device(t, "cpu") is t  # nothing to move: no copy
-    made = device_tensor([1, 2], dtype=torch.long, device="cpu")
-    assert made.dtype == torch.long and made.tolist() == [1, 2]
-    assert device_tensor([0.5]).device.type == "cpu"
-    # a model's index tensors are made once and reused every step (a fresh copy to a GPU would make the host wait)
-    assert _index_on([0, 2], torch.device("cpu")) is _index_on((0, 2), torch.device("cpu"))
-    assert _index_on([0, 2], torch.device("cpu")).tolist() == [0, 2]
 
 
 @pytest.mark.parametrize(
@@ -187,9 +155,8 @@ def test_host_to_device_helpers_and_cached_indices():
     ids=["one-stack", "stack-and-large", "mixed", "by-rows"],
 )
 @pytest.mark.parametrize("norm_type", [2.0, math.inf])
-def test_stacked_small_tensors_give_each_tensors_own_norm(shapes, norm_type):
-    """On the CPU small tensors of one shape are stacked into one reduction, and large tensors with rows are reduced
-    row by row and then over their rows: each still gets its own norm, in its own place."""
+def test_each_tensor_gets_its_own_norm_in_its_own_place(shapes, norm_type):
+    """Tensors of repeated and mixed shapes, small and large: each gets its own norm, in input order."""
     gen = torch.Generator().manual_seed(0)
     tensors = [torch.randn(s, generator=gen) * (i + 1) for i, s in enumerate(shapes)]
     per_tensor, total = grad_norms(tensors, norm_type)
@@ -199,29 +166,11 @@ def test_stacked_small_tensors_give_each_tensors_own_norm(shapes, norm_type):
     torch.testing.assert_close(total.double(), torch.linalg.vector_norm(expected, norm_type), rtol=1e-5, atol=0)
 
 
-def test_reused_unit_buffer_gives_fresh_results_in_input_order():
-    """The per-step path writes unit norms into a buffer it reuses (spans made once, whole tensors placed by index):
-    each call gives what a fresh :func:`unit_norms` gives, for new values and for a new set of shapes."""
-    from lightning_gradguard.functional.norms import _unit_norms_of
-
-    buffers: dict = {}
-    for seed, dtypes in [(0, [torch.float32]), (1, [torch.float32]), (2, [torch.float32, torch.float64])]:
-        tensors = _mixed_tensors(dtypes, seed=seed)
-        if seed == 2:
-            tensors = tensors[3:]  # other shapes: another buffer
-        reused = _unit_norms_of(tensors, tensors, None, buffers)
-        fresh = unit_norms(tensors)
-        assert torch.equal(reused.units, fresh.units)
-        assert torch.equal(reused.per_tensor, fresh.per_tensor) and torch.equal(reused.total, fresh.total)
-    assert len(buffers) == 2
-
-
-def test_unit_values_keep_autograd_history_of_parameters():
-    """Outside ``no_grad`` the unit norms of parameters that require grad are differentiable (the per-step path
-    writes into its buffer with ``out=`` only where no history is recorded)."""
+def test_unit_norms_keep_autograd_history_of_parameters():
+    """Outside ``no_grad`` the unit norms of parameters that require grad are differentiable."""
     weight = torch.nn.Parameter(torch.tensor([[3.0, 4.0], [0.0, 2.0]]))
     bias = torch.nn.Parameter(torch.tensor([1.0, 1.0]))
-    units = unit_values([weight, bias])
+    units = unit_norms([weight, bias]).units
     assert torch.allclose(units, torch.tensor([5.0, 2.0, math.sqrt(2.0)]))
     units.sum().backward()
     assert torch.allclose(weight.grad, torch.tensor([[0.6, 0.8], [0.0, 1.0]]))
@@ -229,13 +178,8 @@ def test_unit_values_keep_autograd_history_of_parameters():
 
 
 @pytest.mark.parametrize("first", [torch.float32, torch.float64, torch.bfloat16])
-def test_unit_norms_of_whole_tensors_of_mixed_dtypes(first, monkeypatch):
-    """Whole tensors (biases) of one shape but different dtypes: the direct stacked path either handles the mix or
-    falls back to grouping by dtype; either way each tensor gets its own exact norm."""
-    from lightning_gradguard.functional import norms
-    from lightning_gradguard.functional.norms import _unit_norms_of, _unit_plan
-
-    monkeypatch.setattr(norms, "_PLAN_CACHE", {})  # plans are cached by shape: start from none for these shapes
+def test_unit_norms_of_whole_tensors_of_mixed_dtypes(first):
+    """Whole tensors (biases) of one shape but different dtypes: each tensor gets its own exact norm."""
     gen = torch.Generator().manual_seed(0)
     others = [d for d in (torch.float32, torch.float64, torch.bfloat16) if d != first]
     tensors = [(torch.randn(5, generator=gen) * (i + 1)).to(d) for i, d in enumerate([first, *others, first])]
@@ -247,10 +191,15 @@ def test_unit_norms_of_whole_tensors_of_mixed_dtypes(first, monkeypatch):
             for t in tensors
         ]
     )
-    buffers: dict = {}
-    for result in (unit_norms(tensors), *(_unit_norms_of(tensors, tensors, None, buffers) for _ in range(3))):
-        torch.testing.assert_close(result.units, expected, rtol=1e-6, atol=0)
-    # a stack led by float64 is reduced in float64; one led by a narrower dtype that holds a float64 tensor raises on
-    # the first step, and the plan remembers it: later steps go straight to the grouped path
-    plan = _unit_plan(tuple(t.shape for t in tensors), torch.device("cpu"))
-    assert plan.direct == [first == torch.float64]
+    torch.testing.assert_close(unit_norms(tensors).units, expected, rtol=1e-6, atol=0)
+
+
+def test_step_gradients_leave_out_parameters_without_a_gradient_and_name_the_rest():
+    params = [torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(1))]
+    params[0].grad, params[2].grad = torch.full((2, 2), 2.0), torch.tensor([float("nan")])
+    step = StepGradients(params, ["w", "b", "s"], with_units=True)
+    assert step.names == ["w", "s"] and step.params == [params[0], params[2]]
+    assert step.per_tensor[0].item() == pytest.approx(4.0) and step.units[:2].tolist() == [pytest.approx(8**0.5)] * 2
+    assert not step.finite.item()
+    with pytest.raises(ValueError, match=r"Expected one name per parameter \(3\) but got 2"):
+        StepGradients(params, ["w", "b"])

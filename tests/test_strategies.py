@@ -4,28 +4,38 @@ FSDP1 (``FSDPStrategy``) needs a GPU and DeepSpeed needs the ``deepspeed`` packa
 Trainer with either on this CPU machine, so the check is given the real strategy objects through the one attribute
 it reads (``trainer.strategy``). The supported strategies are exercised by real 2-process runs elsewhere."""
 
+import importlib
 from types import SimpleNamespace
 
 import pytest
-from lightning.pytorch.strategies import DeepSpeedStrategy, FSDPStrategy, SingleDeviceStrategy, Strategy
+from lightning.pytorch.strategies import FSDPStrategy, SingleDeviceStrategy, Strategy
 
 from lightning_gradguard import ExplosionGuard, GradientClipping, GradientNormMonitor, GradientQuantization
 from lightning_gradguard.callbacks.base import check_strategy
 
 CALLBACKS = [GradientNormMonitor, GradientClipping, ExplosionGuard, GradientQuantization]
+# the strategies of both packages: `import lightning.pytorch` and the standalone `import pytorch_lightning`
+PACKAGES = ["lightning.pytorch", "pytorch_lightning"]
 
 
+def strategies(package):
+    return importlib.import_module(f"{package}.strategies")
+
+
+@pytest.mark.parametrize("package", PACKAGES)
 @pytest.mark.parametrize("callback", CALLBACKS, ids=lambda c: c.__name__)
-def test_fsdp1_is_refused_with_the_fsdp2_alternative(callback):
-    trainer = SimpleNamespace(strategy=FSDPStrategy())
+def test_fsdp1_is_refused_with_the_fsdp2_alternative(callback, package):
+    trainer = SimpleNamespace(strategy=strategies(package).FSDPStrategy())
     with pytest.raises(RuntimeError, match=rf"{callback.__name__} does not support FSDPStrategy \(FSDP1\).*"
                                            r"ModelParallelStrategy\(data_parallel_size=N\)"):
         callback().setup(trainer, None, "fit")
 
 
+@pytest.mark.parametrize("package", PACKAGES)
 @pytest.mark.parametrize("callback", CALLBACKS, ids=lambda c: c.__name__)
-def test_deepspeed_is_refused(callback):
-    strategy = object.__new__(DeepSpeedStrategy)  # the real class; constructing it needs the deepspeed package
+def test_deepspeed_is_refused(callback, package):
+    # the real class; constructing it needs the deepspeed package
+    strategy = object.__new__(strategies(package).DeepSpeedStrategy)
     with pytest.raises(RuntimeError, match=rf"{callback.__name__} does not support DeepSpeedStrategy.*strategy='ddp'"):
         callback().setup(SimpleNamespace(strategy=strategy), None, "fit")
 

@@ -2,84 +2,77 @@
 
 from __future__ import annotations
 
+import re
+from collections import deque
 from collections.abc import Sequence
 from typing import Any, Optional
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from typing_extensions import override
 
-from lightning_gradguard.callbacks._runtime import TAG_PREFIX, GradStep, callbacks_of
-from lightning_gradguard.callbacks.base import STAGE_CLIP, GradGuardCallback
+from lightning_gradguard.callbacks.base import TAG_PREFIX, GradGuardCallback, GradStep
 from lightning_gradguard.callbacks.monitor import GradientNormMonitor
-from lightning_gradguard.functional.clipping import DEFAULT_AGC_EXCLUDE, GradientClipper, Method, ZScoreMode
+from lightning_gradguard.events import ExplosionEvent
+from lightning_gradguard.functional.clipping import GradientClipper, Method, ZScoreMode, output_layer
+from lightning_gradguard.logging.buffer import FlushResult
 
 __all__ = ["GradientClipping"]
+
+# clipping that scales most steps down is a learning-rate cut nobody asked for: warn when, over the last
+# PERSISTENT_WINDOW steps, at least PERSISTENT_SHARE of them had a coefficient below PERSISTENT_COEF
+PERSISTENT_WINDOW, PERSISTENT_SHARE, PERSISTENT_COEF = 100, 0.9, 0.5
+_HEAD_NAMES = {"head", "lm_head", "classifier", "fc", "out", "output", "decoder", "proj", "linear", "logits", "cls"}
 
 
 class GradientClipping(GradGuardCallback):
     r"""Clip the gradients of every optimizer step, with no threshold to choose by default.
 
-    ``GradientClipping()`` uses adaptive gradient clipping (AGC, Brock et al. 2021, as timm's ``adaptive_clip_grad``):
-    every unit (a row of a weight, i.e. one output unit; a whole bias) may have a gradient norm of at most
-    ``agc_factor`` (1%) of its weight norm (floored at ``agc_eps``, so zero-initialised weights still learn), and is
-    scaled down to that otherwise; the classifier head (a parameter named ``head``, ``lm_head``, ``classifier`` or
-    ``fc``) is left alone. The limit follows the model, not a guess of the gradient's scale: in the outcome
-    benchmarks of the README it is the only threshold-free rule that never diverged, and it beat the best fixed
-    ``gradient_clip_val`` of a sweep (0.1, 1, 10) on all three exploding workloads. It reads the weights as well as
-    the gradients, so it costs about twice ``clip_grad_norm_`` per step; ``"zscore"`` costs about as much as
-    ``clip_grad_norm_``.
+    The rules (the math is :class:`~lightning_gradguard.functional.clipping.GradientClipper`, usable without
+    Lightning; every method-specific argument is an error with another method):
 
-    The rules that learn a global threshold from the run's own norm history: ``"zscore"`` (ZClip: EMA mean and
-    variance of the global norm; a norm more than ``z_thresh`` standard deviations above the mean is clipped back
-    towards the mean), ``"quantile"`` (AutoClip: a quantile of the recent norms) and ``"adagc"`` (AdaGC: one
-    threshold per tensor, an EMA of its own norm). Instead of the references' unclipped warm-up they start safely:
-    for the first ``warmup_steps`` steps the threshold is ``warmup_threshold`` (1.0, ZClip's default cap), lowered
-    to ``warmup_factor`` (3) times the median of the norms it let through, so an early spike is clipped and never
-    enters the statistics; a run whose norms stay above 1.0 (a too-high learning rate) stays clipped near 1.0, so
-    set ``warmup_threshold`` to the scale of your norms (or ``None``) if they are legitimately larger. The fixed
-    rules: ``"norm"`` (Lightning's ``gradient_clip_val``) and ``"value"``. The math is in
-    :class:`lightning_gradguard.functional.clipping.GradientClipper`, usable without Lightning.
+    - ``"zscore"``: ZClip: EMA mean and variance of the global norm; a norm more than ``z_thresh`` standard
+      deviations above the mean is clipped back towards the mean.
+    - ``"quantile"``: AutoClip: a quantile of the recent norms.
+    - ``"adagc"``: AdaGC: one threshold per tensor, an EMA of its own norm.
+    - ``"agc"``: adaptive gradient clipping (NFNets, timm): each unit (a row of a weight, a whole bias) may have a
+      gradient norm of at most ``agc_factor`` of its weight norm. The output layer (the last module of the
+      LightningModule that holds parameters, named in an info message) is left alone unless ``agc_exclude`` is given.
+    - ``"norm"`` and ``"value"``: Lightning's ``gradient_clip_val`` with ``"norm"`` and ``"value"``, plus logging.
 
-    Clipping runs in ``on_before_optimizer_step`` (after gradient accumulation and AMP unscaling) on the norms the
-    gradguard pipeline computed once for the step, shared with :class:`GradientNormMonitor` and
-    :class:`ExplosionGuard`. Nothing reads a device value back to the host. A step whose norm is NaN or Inf is left
-    untouched (coefficient 1) for the guard or AMP's scaler, and does not enter the statistics. Under DDP every rank
-    clips the same averaged gradients with the same statistics; under FSDP2 the norms are full-tensor norms, so all
-    ranks take the same decision. The statistics are saved in checkpoints: a resumed run clips as the uninterrupted
-    run would have.
+    Clipping runs in ``on_before_optimizer_step`` (after gradient accumulation and AMP unscaling), on the norms the
+    gradguard pipeline computed once for the step (shared with :class:`GradientNormMonitor` and
+    :class:`ExplosionGuard`). Nothing reads a device value back to the host. A step whose norm is NaN or Inf is left
+    untouched (coefficient 1) for the guard or AMP's scaler and does not enter the statistics. Under DDP every rank
+    clips the same averaged gradients with the same statistics; under FSDP2 the norms are full-tensor norms. The
+    statistics are saved in checkpoints: a resumed run clips as the uninterrupted one would have.
+
+    When at least 90% of the last 100 steps were scaled by less than 0.5, the clipping acts as a learning-rate cut
+    nobody asked for: a warning says so once and a ``persistent_clipping`` event is recorded.
 
     Logged tags, every optimizer step (``gradguard/opt<i>/...`` with several optimizers; rank 0 only):
 
-    - ``gradguard/grad_norm_clipped``: global L2 norm after clipping (for ``"value"`` a second norm of the clamped
-      gradients; for ``"agc"`` exact from the row norms and their coefficients, without another pass).
+    - ``gradguard/grad_norm_clipped``: global L2 norm after clipping.
     - ``gradguard/clip_threshold``: the threshold in force (``clip_value`` for ``"value"``; for ``"agc"`` and
       ``"adagc"`` the global norm of the per-unit limits).
     - ``gradguard/clip_coef``: ``grad_norm_clipped / grad_norm`` (1: untouched).
-    - ``gradguard/grad_norm``: the norm before clipping, when no :class:`GradientNormMonitor` is attached (the
-      monitor logs it otherwise).
+    - ``gradguard/grad_norm``: the norm before clipping, unless a :class:`GradientNormMonitor` logs it.
 
     The TensorBoard custom-scalars layout gets a "gradient norm" chart (norm, clipped norm and threshold together)
     and a "clip coefficient" chart.
 
     Args:
-        method: ``"agc"`` (default), ``"zscore"``, ``"quantile"``, ``"adagc"``, ``"norm"`` or ``"value"``.
-        max_norm: absolute cap on the global norm on top of any rule; the threshold of ``"norm"`` (required there).
-        clip_value: the element bound of ``"value"`` (required there, not allowed elsewhere).
-        quantile, history_length: ``"quantile"``: the quantile of the last ``history_length`` norms.
-        alpha, z_thresh, zscore_mode: ``"zscore"``: EMA weight, z-score threshold, ``"adaptive_scaling"`` or
-            ``"mean"``.
-        agc_factor, agc_eps, agc_exclude: ``"agc"``: ratio of gradient to weight norm per unit, floor on the weight
-            norm, name patterns left unclipped (default: a classifier head).
-        adagc_beta, adagc_factor: ``"adagc"``: EMA weight and relative threshold per tensor.
-        warmup_steps, warmup_factor, warmup_threshold: the safe start of the adaptive rules (``None`` turns each off;
-            see :class:`~lightning_gradguard.functional.clipping.GradientClipper`).
-        eps: added to the norm in ``threshold / (norm + eps)``.
+        method: the rule (see above).
+        max_norm, clip_value, quantile, history_length, alpha, z_thresh, zscore_mode, agc_factor, agc_eps,
+            agc_exclude, adagc_beta, adagc_factor, warmup_steps, warmup_factor, warmup_threshold, eps: as in
+            :class:`~lightning_gradguard.functional.clipping.GradientClipper` (``None``: the method's default).
         flush_interval: optimizer steps between writes to the loggers; default: ``log_every_n_steps``.
+        callback_metrics: also put the flushed values into ``trainer.callback_metrics``.
 
     Raises:
-        ValueError / TypeError: in ``__init__`` for an invalid argument; at ``setup`` when the Trainer also sets
-            ``gradient_clip_val`` (the gradients would be clipped twice).
+        ValueError / TypeError: in ``__init__`` for an invalid argument or one of another method; at ``setup`` when
+            the Trainer also sets ``gradient_clip_val`` (the gradients would be clipped twice).
 
     Example::
 
@@ -88,7 +81,7 @@ class GradientClipping(GradGuardCallback):
         >>> fixed = GradientClipping("norm", max_norm=1.0)  # Trainer(gradient_clip_val=1.0), plus logging
     """
 
-    stage = STAGE_CLIP
+    stage = 20
 
     def __init__(
         self,
@@ -96,33 +89,37 @@ class GradientClipping(GradGuardCallback):
         *,
         max_norm: Optional[float] = None,
         clip_value: Optional[float] = None,
-        quantile: float = 0.9,
-        history_length: int = 1000,
-        alpha: float = 0.97,
-        z_thresh: float = 2.5,
-        zscore_mode: ZScoreMode = "adaptive_scaling",
-        agc_factor: float = 0.01,
-        agc_eps: float = 1e-3,
-        agc_exclude: Sequence[str] = DEFAULT_AGC_EXCLUDE,
-        adagc_beta: float = 0.98,
-        adagc_factor: float = 1.05,
+        quantile: Optional[float] = None,
+        history_length: Optional[int] = None,
+        alpha: Optional[float] = None,
+        z_thresh: Optional[float] = None,
+        zscore_mode: Optional[ZScoreMode] = None,
+        agc_factor: Optional[float] = None,
+        agc_eps: Optional[float] = None,
+        agc_exclude: Optional[Sequence[str]] = None,
+        adagc_beta: Optional[float] = None,
+        adagc_factor: Optional[float] = None,
         warmup_steps: Optional[int] = None,
-        warmup_factor: Optional[float] = 3.0,
-        warmup_threshold: Optional[float] = 1.0,
+        warmup_factor: Optional[float] = None,
+        warmup_threshold: Optional[float] = None,
         eps: float = 1e-6,
         flush_interval: Optional[int] = None,
+        callback_metrics: bool = False,
     ) -> None:
+        super().__init__(flush_interval=flush_interval, callback_metrics=callback_metrics)
         arguments = dict(locals())
-        # every argument but flush_interval belongs to the clipping engine, under the same name
-        self._config = {k: v for k, v in arguments.items() if k not in ("self", "flush_interval", "__class__")}
-        super().__init__(flush_interval=flush_interval)
-        GradientClipper(**self._config)  # checks every argument now rather than at the first step
+        for key in ("self", "flush_interval", "callback_metrics", "__class__"):
+            arguments.pop(key, None)
+        GradientClipper(**arguments)  # checks every argument now rather than at the first step
+        self._config = arguments
         self.method = method
         self.needs_unit_norms = method == "agc"  # the pipeline then computes row norms with the step's norms
-        self._clippers: dict[int, GradientClipper] = {}  # one per optimizer, created at its first step
-        self._loaded: dict[int, dict[str, Any]] = {}  # checkpointed state of clippers not created yet
+        self._clippers: dict[int, GradientClipper] = {}  # one per optimizer, made at its first step
+        self._loaded: dict[int, dict[str, Any]] = {}  # checkpointed state of clippers not made yet
         self._logs_norm = True
-        self._warmup_asked: set[int] = set()  # optimizers whose warm-up state is waiting in the log buffer
+        self._recent: dict[int, deque] = {}
+        self._pending: list[ExplosionEvent] = []
+        self._warned = False
 
     @property
     @override
@@ -139,8 +136,23 @@ class GradientClipping(GradGuardCallback):
                 " clipping), or remove the GradientClipping callback."
             )
         # the monitor logs the pre-clip norm; logging it here as well would write the tag twice per step
-        self._logs_norm = not any(isinstance(cb, GradientNormMonitor) for cb in callbacks_of(trainer))
-        self._warmup_asked = set()
+        self._logs_norm = not any(isinstance(cb, GradientNormMonitor) for cb in self.pipeline.callbacks)
+        if self.method == "agc" and self._config["agc_exclude"] is None:
+            self._exclude_output_layer(pl_module)
+        self._recent, self._pending, self._warned = {}, [], False
+
+    def _exclude_output_layer(self, pl_module: pl.LightningModule) -> None:
+        layer = output_layer(pl_module)
+        patterns = [] if layer is None else [rf"^{re.escape(layer)}\.[^.]+$"]
+        self._config = {**self._config, "agc_exclude": patterns}
+        message = (
+            f"GradientClipping('agc') leaves the output layer `{layer}` unclipped (the last module that holds"
+            " parameters); pass `agc_exclude` to choose the layers yourself."
+        )
+        if layer is not None and layer.rpartition(".")[2] not in _HEAD_NAMES:
+            rank_zero_warn(message)
+        else:
+            rank_zero_info(message)
 
     def clipper(self, optimizer_idx: int = 0) -> GradientClipper:
         """The clipping engine (and statistics) of the optimizer with index ``optimizer_idx``."""
@@ -153,45 +165,43 @@ class GradientClipping(GradGuardCallback):
 
     @override
     def process_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: GradStep) -> None:
-        clipper = self.clipper(step.optimizer_idx)
-        result = clipper.clip_(
-            step.params,
-            names=step.names,
-            per_tensor_norms=step.per_tensor_norms,
-            total_norm=step.total_norm,
-            local_grads=step.local_grads,
-            unit_grad_norms=step.unit_norms,
-            grads=step.grads,
-            finite=step.finite,
-        )
+        result = self.clipper(step.optimizer_idx).clip_step_(step)
         step.clip_coef, step.clip_threshold, step.clipped_norm = result.coef, result.threshold, result.clipped_norm
         names = ["grad_norm_clipped", "clip_threshold", "clip_coef"]
         values = [result.clipped_norm, result.threshold, result.coef]
         if self._logs_norm:
             names.append("grad_norm")
             values.append(result.total_norm)
-        step.log_vector([step.tag(name) for name in names], torch.stack(values))
-        self._ask_about_warmup(step, clipper)
+        step.log_vector(names, torch.stack(values))
+        if trainer.is_global_zero:  # the coefficient reaches the host at the flush even without a logger
+            idx, epoch = step.optimizer_idx, trainer.current_epoch
 
-    def _ask_about_warmup(self, step: GradStep, clipper: GradientClipper) -> None:
-        """Ride the next flush's host read to learn when the safe start is over, so the clipper can stop evaluating
-        it (same results, fewer device operations per step). One tiny entry per flush while the warm-up lasts."""
-        if step.optimizer_idx in self._warmup_asked or step.step < clipper.warmup_steps:
-            # the warm-up counts finite steps, so it cannot be over before this many: asking earlier would only get
-            # "still on" back, and the next question would wait for the flush after that
+            def sink(step_number: int, host: list) -> None:
+                self._watch(idx, epoch, step_number, host[0])
+
+            step.pipeline.buffer.add_custom(step.step, result.coef.reshape(1), sink)
+
+    def _watch(self, optimizer_idx: int, epoch: int, step: int, coef: float) -> None:
+        recent = self._recent.setdefault(optimizer_idx, deque(maxlen=PERSISTENT_WINDOW))
+        recent.append(coef < PERSISTENT_COEF)
+        if self._warned or len(recent) < PERSISTENT_WINDOW or sum(recent) < PERSISTENT_SHARE * PERSISTENT_WINDOW:
             return
-        active = clipper.warmup_active()
-        if active is None or not step.runtime.writes_logs:  # no flush reads anything on this rank
-            return
-        idx = step.optimizer_idx
-        self._warmup_asked.add(idx)
+        self._warned = True
+        rank_zero_warn(
+            f"GradientClipping('{self.method}') scaled the gradients by less than {PERSISTENT_COEF} on {sum(recent)} of"
+            f" the last {PERSISTENT_WINDOW} steps (up to step {step}): it acts as a learning-rate cut. If the run is"
+            " healthy, loosen the clipping (another method, or a larger threshold); if it is not, lower the"
+            " learning rate."
+        )
+        nan = float("nan")
+        self._pending.append(
+            ExplosionEvent(step, epoch, "persistent_clipping", nan, nan, nan, nan, "logged", optimizer=optimizer_idx)
+        )
 
-        def answer(_step: int, values: list) -> None:
-            self._warmup_asked.discard(idx)
-            if values[0] == 0.0 and self._clippers.get(idx) is clipper:
-                clipper.warmup_finished()
-
-        step.log_custom(active.reshape(1), answer)
+    @override
+    def on_flush(self, trainer: pl.Trainer, result: FlushResult) -> list[ExplosionEvent]:
+        events, self._pending = self._pending, []
+        return events
 
     @override
     def charts(self) -> dict[str, list[str]]:

@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections import Counter
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, NamedTuple, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -15,39 +12,48 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gradguard.callbacks._rewind import SnapshotDevice, TrainingSnapshot
-from lightning_gradguard.callbacks._runtime import TAG_PREFIX, GradStep, get_runtime, unwrap_optimizer
-from lightning_gradguard.callbacks.base import STAGE_GUARD, GradGuardCallback, check_positive_int
-from lightning_gradguard.events import EVENT_KINDS, ExplosionEvent, append_jsonl, summary_table
+from lightning_gradguard.callbacks._lightning import found_inf, grad_scaler, loss_scale, takes_found_inf, torch_optimizer
+from lightning_gradguard.callbacks._rewind import STEP_LR, Schedule, SnapshotDevice, TrainingSnapshot
+from lightning_gradguard.callbacks.base import TAG_PREFIX, GradGuardCallback, GradStep, check_positive_int
+from lightning_gradguard.events import EVENT_KINDS, ExplosionEvent, summary_table
 from lightning_gradguard.functional.detection import STATISTICS, SpikeCheck, SpikeDetector, Statistic, top_layers
 from lightning_gradguard.logging.buffer import FlushResult
-from lightning_gradguard.logging.tensorboard import write_text
-from lightning_gradguard.utilities import device_tensor, to_device
+from lightning_gradguard.utilities import to_device
 
 __all__ = ["ExplosionGuard", "GradientExplosionError"]
 
 Response = Literal["log", "skip", "raise", "rewind"]
 RESPONSES = ("log", "skip", "raise", "rewind")
-# the response a step gets is the most severe one among its events; the value is what ranks agree on (MAX)
+# the response a step gets is the most severe one among its events (ranks agree on the MAX)
 _SEVERITY = {"log": 0, "skip": 1, "rewind": 2, "raise": 3}
-EVENTS_FILE = "gradguard_events.jsonl"
-TEXT_TAG = f"{TAG_PREFIX}/events"
-
-_OVERFLOW = EVENT_KINDS.index("overflow")
+_KIND = {kind: i for i, kind in enumerate(EVENT_KINDS)}
+_REWIND_DEFAULTS = {"snapshot_interval": 100, "rewind_patience": 3, "max_rewinds": 3, "lr_factor": 1.0}
 _DESCRIPTIONS = {
     "nonfinite": "non-finite gradients or loss",
     "spike": "a gradient-norm spike",
     "loss_spike": "a loss spike",
     "threshold": "the gradient norm crossed `max_norm`",
-    "overflow": "an AMP overflow",
+    "scale_collapse": "the AMP loss scale collapsed",
 }
 _HINTS = {
     "nonfinite": "find the batch or operation that produced NaN/Inf (log of 0, division by zero, an fp16 overflow:"
     " try precision='bf16-mixed'; torch.autograd.set_detect_anomaly(True) names the operation), lower the learning"
     " rate, or use on_nonfinite='skip' to step over isolated bad batches.",
-    "spike": "lower the learning rate or add warm-up, attach GradientClipping (method='zscore' or 'quantile'),"
-    " check the data around this step, or use on_spike='skip' / 'rewind' to ride spikes out.",
+    "spike": "lower the learning rate or add warm-up, attach GradientClipping, check the data around this step, or"
+    " use on_spike='skip' / 'rewind' to ride spikes out.",
+    "scale_collapse": "every step overflows fp16 even at a tiny loss scale: the values themselves are out of range."
+    " Use precision='bf16-mixed', lower the learning rate, or find the layer that overflows.",
 }
+
+
+class _Where(NamedTuple):
+    """What an event needs to know of its step (kept until the flush instead of the step's gradients)."""
+
+    step: int
+    global_step: int
+    epoch: int
+    optimizer_idx: int
+    names: list[str]
 
 
 class GradientExplosionError(RuntimeError):
@@ -60,77 +66,55 @@ class GradientExplosionError(RuntimeError):
         self.report = event.to_markdown()
 
 
-@dataclass
-class _Outcome:
-    """What the host decided about one step (read by the flush-time sink)."""
-
-    action: Optional[str] = None  # "skipped" | "rewound" | "raised", None when nothing was done
-    skipped: Optional[int] = None  # running totals, set on the steps where they changed
-    rewinds: Optional[int] = None
-
-
-class _StepValues:
-    """The per-step device vector the sink reads back at the flush: layout in one place."""
-
-    FLAGS = slice(0, len(EVENT_KINDS))
-    NORM, LOSS, NORM_BASE, NORM_Z, LOSS_BASE, LOSS_Z, ORIGIN = range(len(EVENT_KINDS), len(EVENT_KINDS) + 7)
-    COUNTS = slice(len(EVENT_KINDS) + 7, 2 * len(EVENT_KINDS) + 7)
-    TOP = 2 * len(EVENT_KINDS) + 7
-
-    @classmethod
-    def pack(cls, flags: Tensor, scalars: list[Tensor], counts: Tensor, top_idx: Tensor, top_norms: Tensor) -> Tensor:
-        return torch.cat([flags, torch.stack(scalars).float(), counts, top_idx.float(), top_norms])
-
-
 class ExplosionGuard(GradGuardCallback):
     r"""Detect explosion events at every optimizer step, answer them (log, skip, raise, rewind) and report them.
 
     Detection, on the device at every optimizer step (after gradient accumulation and AMP unscaling, before any
-    clipping: with :class:`~lightning_gradguard.GradientClipping` attached the guard sees the pre-clip norm, and
-    both use the one norm computation of the step):
+    clipping: with :class:`~lightning_gradguard.GradientClipping` the guard sees the pre-clip norm):
 
-    - ``nonfinite``: the global gradient norm is NaN/Inf (any parameter; under DDP gradients are averaged and under
-      FSDP2 the norm is reduced, so a NaN on one rank is seen by all) or the loss is (seen in
-      ``on_before_backward``, averaged over ranks).
+    - ``nonfinite``: the global gradient norm is NaN/Inf or the loss is (the loss is read in ``on_before_backward``
+      and averaged over ranks). Under several processes every rank's flags are combined, so a fault seen on one
+      rank only is recorded, with that rank, and answered on every rank.
     - ``spike`` / ``loss_spike``: the gradient norm / the loss is more than ``threshold`` spreads above its running
-      baseline over the last ``window`` finite values (median and MAD, or mean and std:
-      :class:`~lightning_gradguard.functional.detection.SpikeDetector`); nothing is flagged during the first
-      ``warmup`` values, non-finite values never enter the statistics.
+      baseline over the last ``window`` finite values of that optimizer (median and MAD, or mean and std); nothing
+      is flagged during the first ``warmup`` values; non-finite values never enter the statistics.
     - ``threshold``: the gradient norm exceeds ``max_norm`` (when given).
-    - ``overflow``: with ``precision="16-mixed"`` the grad scaler found Inf/NaN; the scaler skips that step itself,
-      so the guard only records it (no ``nonfinite`` event, no second skip).
+    - ``overflow``: with ``precision="16-mixed"`` the grad scaler found Inf/NaN gradients and skips the step itself;
+      the guard records it and does not answer it (a NaN *loss* is a ``nonfinite`` event all the same).
+    - ``scale_collapse``: the loss scale fell below 1, or the scaler skipped ``max_consecutive_skips`` steps in a
+      row: fp16 training is stuck. Answered by raising unless ``on_nonfinite="log"``.
 
-    Responses, chosen per kind (``on_nonfinite``; ``on_spike`` covers ``spike``, ``loss_spike`` and ``threshold``):
+    Responses, per kind (``on_nonfinite``; ``on_spike`` covers ``spike``, ``loss_spike`` and ``threshold``):
 
-    - ``"log"``: record only. Sync-free: the flags stay on the device and the events are written at the next flush
-      with their true step numbers.
-    - ``"skip"``: the step changes nothing: all gradients are set to ``None`` and ``torch.optim`` optimizers leave
-      parameters and state (moments, step counts, weight decay) untouched. Training goes on; after
-      ``max_consecutive_skips`` skipped steps in a row, :class:`GradientExplosionError` is raised.
+    - ``"log"``: record only, sync-free; the events are written at the next flush with their true steps.
+    - ``"skip"``: the update is not applied: parameters and optimizer state (moments, step counts, weight decay)
+      are left bitwise as they were. Lightning still counts the step in ``global_step`` (and in ``max_steps``);
+      step-interval LR schedulers advance too (``schedule_on_skip="advance"``) or are held back
+      (``"hold"``: the next step uses the learning rate the skipped one would have). After
+      ``max_consecutive_skips`` skipped steps in a row :class:`GradientExplosionError` is raised.
     - ``"raise"``: stop ``fit`` with :class:`GradientExplosionError` naming the step, the norm, the worst layers and
       what to try next; the events are written first.
-    - ``"rewind"``: every ``snapshot_interval`` steps (at the first healthy step at or after each multiple) a copy
-      of the model, optimizer and LR-scheduler state is kept in memory (``snapshot_device``: ``"cpu"`` or
-      ``"same"`` device; under FSDP2 each rank copies its local shards). A flagged step is skipped; after
-      ``rewind_patience`` flagged steps in a row the snapshot is restored, learning rates are multiplied by
-      ``lr_factor``, and training goes on with the next batches (``global_step`` keeps counting). The
-      ``max_rewinds + 1``-th rewind raises :class:`GradientExplosionError` instead. After a checkpoint resume the
-      first healthy step takes a snapshot. The memory it holds is ``snapshot_nbytes``.
+    - ``"rewind"``: a copy of the model, optimizer and LR-schedule state is kept in memory, taken at the first step
+      of every fit and then every ``snapshot_interval`` steps (at the first healthy step at or after each multiple;
+      ``snapshot_device``: ``"cpu"`` or ``"same"``). A flagged step is skipped; after ``rewind_patience`` flagged
+      steps in a row the snapshot is restored (the next step uses the learning rate the snapshot step used) and
+      training goes on with the next batches, every learning rate multiplied by ``lr_factor`` per rewind so far
+      (applied inside each optimizer step, so every scheduler keeps its own schedule). The ``max_rewinds + 1``-th
+      rewind raises instead. After a resume the snapshot is the resumed state, so a resumed run takes the same
+      decisions as an uninterrupted one but may rewind to a later state.
 
-    Cost: ``"log"`` alone never reads a device value on the hot path. ``"skip"``, ``"raise"`` and ``"rewind"`` need a
-    host decision: **one scalar read per optimizer step**, only when one of them is enabled. To make every rank take
-    the same decision the scalar is all-reduced (MAX) before the read; under several processes the loss is also
-    all-reduced once per step (a collective, not a host read).
+    Cost: ``"log"`` alone never reads a device value on the hot path. The other responses need a decision on the
+    host: **one scalar read per optimizer step**, except for ``"skip"`` with optimizers that take a device flag
+    (``torch.optim.Adam``, ``AdamW`` and ``SGD`` with ``fused=True``, without a GradScaler and with
+    ``schedule_on_skip="advance"``): there the update is skipped on the device, the way ``GradScaler`` does it, and
+    the skip count is read at the flush (so ``max_consecutive_skips`` is checked there). Under several processes the
+    flags and the per-rank losses are all-reduced once per step (collectives, not host reads).
 
-    Reporting (only rank 0 writes):
-
-    - ``<log_dir>/gradguard_events.jsonl`` (``log_dir`` of the first logger that has one, else the Trainer's
-      ``default_root_dir``): one JSON object per :class:`~lightning_gradguard.events.ExplosionEvent`, appended
-      and flushed at each flush.
-    - ``gradguard/events`` (TensorBoard text): one markdown report per event, with a table of the ``top_k`` layers.
-    - ``gradguard/events/<kind>``: running count of events of that kind, at the steps where it changes.
-    - ``gradguard/guard/skipped``, ``gradguard/guard/rewinds``: running totals, at the steps where they change.
-    - An "events" chart in the custom-scalars layout, and a summary table at the end of ``fit``.
+    Reporting (only rank 0 writes): ``gradguard_events.jsonl`` in the logger's directory (see
+    :mod:`lightning_gradguard.events`); ``gradguard/events`` (TensorBoard text): one report per event;
+    ``gradguard/events/<kind>``: running count per kind, at the steps where it changes;
+    ``gradguard/guard/skipped``, ``gradguard/guard/rewinds``: running totals, where they change; an "events" chart
+    in the custom-scalars layout, and a summary table at the end of ``fit``.
 
     Args:
         on_nonfinite: response to non-finite gradients or loss.
@@ -139,20 +123,19 @@ class ExplosionGuard(GradGuardCallback):
         window: number of recent finite values the running statistics cover.
         warmup: values needed in the window before spikes are flagged (at most ``window``).
         statistic: ``"median"`` (median and MAD, robust to the spikes themselves) or ``"mean"`` (mean and std).
-        detect_loss: also watch the loss (non-finite and spikes); the loss is read in ``on_before_backward``.
+        detect_loss: also watch the loss (non-finite and spikes).
         max_norm: absolute gradient-norm limit (``threshold`` events), or ``None``.
         top_k: number of layers named in each event.
         max_consecutive_skips: raise after this many skipped steps in a row (``None``: never).
-        snapshot_interval: optimizer steps between two rewind snapshots.
-        rewind_patience: flagged steps in a row (each one skipped) that trigger a rewind.
-        max_rewinds: rewinds allowed before giving up.
-        lr_factor: learning rates (and LR-scheduler base rates) are multiplied by this at each rewind; in (0, 1].
-        snapshot_device: ``"cpu"`` (host memory) or ``"same"`` (the device of each tensor).
+        schedule_on_skip: ``"advance"`` (default) or ``"hold"`` the step-interval LR schedulers on a skipped step.
+        snapshot_interval, rewind_patience, max_rewinds, lr_factor, snapshot_device: ``"rewind"`` only (an error
+            otherwise): steps between snapshots (100), flagged steps in a row that trigger a rewind (3), rewinds
+            allowed (3), learning-rate factor per rewind in (0, 1] (1.0), where snapshots live (``"cpu"``).
         flush_interval: optimizer steps between writes (one host read each); default: ``log_every_n_steps``.
+        callback_metrics: also put the flushed values into ``trainer.callback_metrics``.
 
     Raises:
-        ValueError: for an unknown response, statistic or snapshot device, a non-positive number, ``warmup >
-            window``, ``lr_factor`` outside (0, 1], or ``max_consecutive_skips < rewind_patience`` with rewinds.
+        ValueError / TypeError: for an invalid argument, or a rewind argument without a ``"rewind"`` response.
         GradientExplosionError: during ``fit``, as described above.
 
     Example::
@@ -162,7 +145,7 @@ class ExplosionGuard(GradGuardCallback):
         >>> trainer = Trainer(callbacks=[guard], logger=False, enable_progress_bar=False)
     """
 
-    stage = STAGE_GUARD
+    stage = 10
 
     def __init__(
         self,
@@ -176,69 +159,75 @@ class ExplosionGuard(GradGuardCallback):
         max_norm: Optional[float] = None,
         top_k: int = 5,
         max_consecutive_skips: Optional[int] = 10,
-        snapshot_interval: int = 100,
-        rewind_patience: int = 3,
-        max_rewinds: int = 3,
-        lr_factor: float = 1.0,
-        snapshot_device: SnapshotDevice = "cpu",
+        schedule_on_skip: Literal["advance", "hold"] = "advance",
+        snapshot_interval: Optional[int] = None,
+        rewind_patience: Optional[int] = None,
+        max_rewinds: Optional[int] = None,
+        lr_factor: Optional[float] = None,
+        snapshot_device: Optional[SnapshotDevice] = None,
         flush_interval: Optional[int] = None,
+        callback_metrics: bool = False,
     ) -> None:
-        super().__init__(flush_interval=flush_interval)
+        super().__init__(flush_interval=flush_interval, callback_metrics=callback_metrics)
         for name, value in (("on_nonfinite", on_nonfinite), ("on_spike", on_spike)):
             if value not in RESPONSES:
                 raise ValueError(f"Expected `{name}` to be one of {RESPONSES} but got {value!r}")
         if statistic not in STATISTICS:
             raise ValueError(f"Expected `statistic` to be one of {STATISTICS} but got {statistic!r}")
-        if snapshot_device not in ("cpu", "same"):
-            raise ValueError(f"Expected `snapshot_device` to be 'cpu' or 'same' but got {snapshot_device!r}")
-        _check_positive_number(threshold, "threshold")
-        if max_norm is not None:
-            _check_positive_number(max_norm, "max_norm")
-        if not isinstance(lr_factor, (int, float)) or isinstance(lr_factor, bool) or not 0 < lr_factor <= 1:
-            raise ValueError(f"Expected `lr_factor` to be a number in (0, 1] but got {lr_factor!r}")
+        if schedule_on_skip not in ("advance", "hold"):
+            raise ValueError(f"Expected `schedule_on_skip` to be 'advance' or 'hold' but got {schedule_on_skip!r}")
         if not isinstance(detect_loss, bool):
             raise TypeError(f"Expected `detect_loss` to be a bool but got {type(detect_loss).__name__}")
+        self.threshold = _positive_number(threshold, "threshold")
+        self.max_norm = None if max_norm is None else _positive_number(max_norm, "max_norm")
         self.window = check_positive_int(window, "window")
         self.warmup = check_positive_int(warmup, "warmup")
-        if self.warmup > self.window:
+        if self.warmup > self.window:  # type: ignore[operator]
             raise ValueError(f"Expected `warmup` to be at most `window` ({window}) but got {warmup}")
         self.top_k = check_positive_int(top_k, "top_k")
-        self.max_consecutive_skips = check_positive_int(
-            max_consecutive_skips, "max_consecutive_skips", allow_none=True
-        )
-        self.snapshot_interval = check_positive_int(snapshot_interval, "snapshot_interval")
-        self.rewind_patience = check_positive_int(rewind_patience, "rewind_patience")
-        self.max_rewinds = check_positive_int(max_rewinds, "max_rewinds")
+        self.max_consecutive_skips = check_positive_int(max_consecutive_skips, "max_consecutive_skips", allow_none=True)
         self.on_nonfinite: Response = on_nonfinite
         self.on_spike: Response = on_spike
-        self.uses_rewind = "rewind" in (on_nonfinite, on_spike)
-        skip_limit = self.max_consecutive_skips
-        if self.uses_rewind and skip_limit is not None and skip_limit < rewind_patience:
-            raise ValueError(
-                f"Expected `max_consecutive_skips` to be at least `rewind_patience` ({rewind_patience}) so that a"
-                f" rewind can happen, but got {max_consecutive_skips}"
-            )
-        self.threshold = float(threshold)  # a Python number: no sync
         self.statistic: Statistic = statistic
         self.detect_loss = detect_loss
-        self.max_norm = None if max_norm is None else float(max_norm)  # a Python number: no sync
-        self.lr_factor = float(lr_factor)
-        self.snapshot_device: SnapshotDevice = snapshot_device
-        # "skip"/"raise"/"rewind" need the flag on the host: one scalar read per step
+        self.schedule_on_skip = schedule_on_skip
+        self.uses_rewind = "rewind" in (on_nonfinite, on_spike)
+        rewind_args = {"snapshot_interval": snapshot_interval, "rewind_patience": rewind_patience,
+                       "max_rewinds": max_rewinds, "lr_factor": lr_factor, "snapshot_device": snapshot_device}
+        given = [name for name, value in rewind_args.items() if value is not None]
+        if given and not self.uses_rewind:
+            raise ValueError(
+                f"`{given[0]}` applies to the 'rewind' response only but got {given[0]}={rewind_args[given[0]]!r} with"
+                f" on_nonfinite={on_nonfinite!r} and on_spike={on_spike!r}"
+            )
+        self.snapshot_interval = check_positive_int(snapshot_interval or 100, "snapshot_interval")
+        self.rewind_patience = check_positive_int(rewind_patience or 3, "rewind_patience")
+        self.max_rewinds = check_positive_int(max_rewinds or 3, "max_rewinds")
+        factor = 1.0 if lr_factor is None else lr_factor
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or not 0 < factor <= 1:
+            raise ValueError(f"Expected `lr_factor` to be a number in (0, 1] but got {lr_factor!r}")
+        self.lr_factor = float(factor)
+        if snapshot_device not in (None, "cpu", "same"):
+            raise ValueError(f"Expected `snapshot_device` to be 'cpu' or 'same' but got {snapshot_device!r}")
+        self.snapshot_device: SnapshotDevice = snapshot_device or "cpu"
+        limit = self.max_consecutive_skips
+        if self.uses_rewind and limit is not None and limit < self.rewind_patience:  # type: ignore[operator]
+            raise ValueError(
+                f"Expected `max_consecutive_skips` to be at least `rewind_patience` ({self.rewind_patience}) so that"
+                f" a rewind can happen, but got {max_consecutive_skips}"
+            )
         self.decides_on_host = any(r != "log" for r in (on_nonfinite, on_spike))
-        self._responses = {
-            "nonfinite": on_nonfinite,
-            "spike": on_spike,
-            "loss_spike": on_spike,
-            "threshold": on_spike,
-            "overflow": "log",
-        }
-        self._severity_by_device: dict[torch.device, Tensor] = {}
+        responses = {"nonfinite": on_nonfinite, "spike": on_spike, "loss_spike": on_spike, "threshold": on_spike,
+                     "scale_collapse": "log" if on_nonfinite == "log" else "raise"}
+        self._responses = [responses.get(kind, "log") for kind in EVENT_KINDS]
+        self._levels = torch.tensor([float(_SEVERITY[r]) for r in self._responses])
 
         # state that drives later decisions (checkpointed)
         self._norm_detectors: dict[int, SpikeDetector] = {}
-        self._loss_detector = self._new_detector()
+        self._loss_detectors: dict[int, SpikeDetector] = {}
         self._counts = torch.zeros(len(EVENT_KINDS))
+        self._overflows = torch.zeros((), dtype=torch.long)  # scaler skips in a row
+        self._low_scale = torch.zeros((), dtype=torch.bool)  # the last step overflowed at a scale below 1
         self.skipped = 0
         self.rewinds = 0
         self.consecutive_skips = 0
@@ -246,19 +235,21 @@ class ExplosionGuard(GradGuardCallback):
         self.lr_scale = 1.0
         self.next_snapshot_step = 0
 
-        # per fit, not checkpointed
-        self.snapshot = TrainingSnapshot(snapshot_device)
-        self.tally: Counter = Counter()
+        # per fit
+        self.snapshot = TrainingSnapshot(self.snapshot_device)
+        self._snapshot_due = True
         self._loss: Optional[Tensor] = None
-        self._pending_events: list[ExplosionEvent] = []
-        self._pending_metrics: dict[int, dict[str, float]] = {}
-        self._events_path: Optional[Path] = None
+        self._events: list[ExplosionEvent] = []
+        self._metrics: dict[int, dict[str, float]] = {}
+        self._pending_schedule: Optional[Schedule] = None
+        self._limit_event: Optional[tuple[ExplosionEvent, str]] = None
+        self._on_device = False
+        self._hooks: list[Any] = []
 
-    # ------------------------------------------------------------------------------------------------------------
     @property
-    def events_path(self) -> Optional[Path]:
-        """Where the JSON-lines file is written (set on rank 0 at the first write)."""
-        return self._events_path
+    def events_path(self) -> Optional[Any]:
+        """Where the JSON-lines file is written (``None`` without a logger that has a directory)."""
+        return self._pipeline.events.path if self._pipeline is not None else None
 
     @property
     def event_counts(self) -> dict[str, int]:
@@ -269,76 +260,125 @@ class ExplosionGuard(GradGuardCallback):
     def snapshot_nbytes(self) -> int:
         return self.snapshot.nbytes
 
-    def _new_detector(self) -> SpikeDetector:
-        return SpikeDetector(self.window, self.threshold, self.warmup, self.statistic)
+    def _detector(self, detectors: dict[int, SpikeDetector], optimizer_idx: int) -> SpikeDetector:
+        if optimizer_idx not in detectors:
+            detectors[optimizer_idx] = SpikeDetector(self.window, self.threshold, self.warmup, self.statistic)
+        return detectors[optimizer_idx]
 
     # Lightning hooks ----------------------------------------------------------------------------------------------
     @override
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_fit_start(trainer, pl_module)
-        self.tally = Counter()
-        self._loss = None
-        self._events_path = None
-        # optimizers exist from here on (not yet in ``setup``)
-        optimizers, _ = self._optimizers_and_schedulers(trainer)
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._loss, self._events, self._metrics, self._pending_schedule = None, [], {}, None
+        optimizers = [torch_optimizer(o) for o in trainer.optimizers]
         foreign = [type(o).__name__ for o in optimizers if not isinstance(o, torch.optim.Optimizer)]
         if self.decides_on_host and foreign:
-            rank_zero_warn(
-                f"ExplosionGuard skips a step by setting the gradients to None, which `torch.optim` optimizers honour;"
-                f" {foreign} may not."
-            )
+            rank_zero_warn(f"ExplosionGuard skips a step by setting the gradients to None, which `torch.optim`"
+                           f" optimizers honour; {foreign} may not.")
+        # the sync-free skip: every optimizer takes GradScaler's device flag, and nothing needs the host
+        self._on_device = (
+            self.decides_on_host
+            and {self.on_nonfinite, self.on_spike} <= {"log", "skip"}
+            and self.schedule_on_skip == "advance"
+            and grad_scaler(trainer) is None
+            and all(takes_found_inf(o) for o in optimizers)
+        )
+        for optimizer in optimizers:  # the rewinds' learning-rate factor, applied inside every optimizer step
+            if self.uses_rewind:
+                self._hooks += [optimizer.register_step_pre_hook(self._scale_lr),
+                                optimizer.register_step_post_hook(self._unscale_lr)]
+            if self._on_device:
+                self._hooks.append(optimizer.register_step_post_hook(_clear_found_inf))
+
+    def _scale_lr(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
+        if self.lr_scale != 1.0:
+            for group in optimizer.param_groups:
+                group[STEP_LR] = group["lr"]
+                group["lr"] = group["lr"] * self.lr_scale
+
+    def _unscale_lr(self, optimizer: torch.optim.Optimizer, *args: Any) -> None:
+        for group in optimizer.param_groups:
+            if STEP_LR in group:
+                group["lr"] = group.pop(STEP_LR)
+
+    @override
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        # after the previous batch's scheduler steps: put back the schedule of a rewind or a held skip
+        if self._pending_schedule is not None:
+            self._pending_schedule.restore(*self._optimizers_and_schedulers(trainer))
+            self._pending_schedule = None
+
+    @override
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_train_end(trainer, pl_module)
+        self._remove_hooks()
+        rank_zero_info(f"ExplosionGuard summary\n{self.summary()}")
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        super().on_exception(trainer, pl_module, exception)
+        self._remove_hooks()
+        if isinstance(exception, GradientExplosionError):
+            rank_zero_info(f"ExplosionGuard summary\n{self.summary()}")
+
+    def _remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
-        """Keep the loss of this optimizer step on the device (summed over accumulated micro-batches)."""
+        """Keep the loss of the coming optimizer step on the device (summed over accumulated micro-batches)."""
         if not self.detect_loss:
             return
         loss = loss.detach().float()
-        scaler = _grad_scaler(trainer)
-        scale = getattr(scaler, "_scale", None)
-        if isinstance(scale, Tensor):  # 16-mixed: the hook sees the scaled loss
+        scaler = grad_scaler(trainer)
+        scale = loss_scale(scaler) if scaler is not None else None
+        if scale is not None:  # 16-mixed: the hook sees the scaled loss
             loss = loss / scale.to(loss.device).reshape(())
         self._loss = loss if self._loss is None else self._loss + loss
 
+    # the step -------------------------------------------------------------------------------------------------------
     @override
     def process_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: GradStep) -> None:
-        device, norm = step.device, step.total_norm
+        device, norm, idx = step.device, step.total, step.optimizer_idx
         false = torch.zeros((), dtype=torch.bool, device=device)
-        loss, origin = self._take_loss(trainer, device)
+        loss, origin, loss_fault = self._take_loss(trainer, device)
         if loss is None:  # no backward seen (``detect_loss=False``): nothing to check, no statistics to update
             nan = torch.full((), math.nan, device=device)
             loss, loss_nonfinite, loss_check = nan, false, SpikeCheck(false, nan, nan, nan)
         else:
-            loss_nonfinite, loss_check = ~torch.isfinite(loss), self._loss_detector.update(loss)
-        found_inf = _scaler_found_inf(trainer, step.optimizer, device)
-        # an overflow the grad scaler caught is not an explosion (the scaler skips the step itself); a NaN loss is
-        nonfinite = (step.nonfinite & ~found_inf) | loss_nonfinite
-        norm_check = self._norm_detector(step.optimizer_idx).update(norm)
+            loss_nonfinite, loss_check = ~torch.isfinite(loss), self._detector(self._loss_detectors, idx).update(loss)
+        scaler = grad_scaler(trainer)
+        overflow = found_inf(scaler, step.optimizer, device) if scaler is not None else false
+        # an overflow the grad scaler caught is not an explosion (it skips the step itself); a NaN loss is
+        nonfinite = (~step.finite & ~overflow) | loss_nonfinite
+        norm_check = self._detector(self._norm_detectors, idx).update(norm)
         over_max = false if self.max_norm is None else norm > self.max_norm
         spikes = torch.stack([norm_check.flag, loss_check.flag, over_max]) & ~nonfinite
-        flags = torch.cat([nonfinite.reshape(1), spikes, found_inf.reshape(1)]).float()  # in EVENT_KINDS order
+        # overflows a non-finite loss explains say nothing about the scale
+        collapse = self._scale_collapse(scaler, overflow & ~loss_nonfinite) if scaler is not None else false
+        flags = torch.cat([nonfinite.reshape(1), spikes, overflow.reshape(1), collapse.reshape(1), false.reshape(1)])
+        # a rank's own fault names it: its loss went non-finite (known from the per-rank losses), else its gradients
+        flags, origin = self._across_ranks(trainer, flags.float(), origin, ~step.local_finite & ~loss_fault & ~overflow)
         self._counts = to_device(self._counts, device) + flags
-        top_idx, top_norms = top_layers(step.per_tensor_norms, self.top_k)
+        top_idx, top_norms = top_layers(step.per_tensor, self.top_k)
         scalars = [norm, loss, norm_check.baseline, norm_check.zscore, loss_check.baseline, loss_check.zscore, origin]
-        values = _StepValues.pack(flags, scalars, self._counts, top_idx, top_norms)
-        outcome = _Outcome()
-        if self.decides_on_host:
-            self._respond(trainer, pl_module, step, flags, found_inf, values, outcome)
+        values = torch.cat([flags, torch.stack(scalars).float(), self._counts, top_idx.float(), top_norms])
+        if not self.decides_on_host:
+            self._record(trainer, step, values, None)
+        elif self._on_device:
+            self._skip_on_device(trainer, step, flags, values)
         else:
-            self._record(trainer, step, values, outcome)
+            self._respond(trainer, pl_module, step, flags, values)
 
-    def _norm_detector(self, optimizer_idx: int) -> SpikeDetector:
-        if optimizer_idx not in self._norm_detectors:
-            self._norm_detectors[optimizer_idx] = self._new_detector()
-        return self._norm_detectors[optimizer_idx]
-
-    def _take_loss(self, trainer: pl.Trainer, device: torch.device) -> tuple[Optional[Tensor], Tensor]:
-        """The loss of this step averaged over ranks, and the rank it most likely went wrong on (the first with a
-        non-finite loss, else the one with the largest), both on the device."""
+    def _take_loss(self, trainer: pl.Trainer, device: torch.device) -> tuple[Optional[Tensor], Tensor, Tensor]:
+        """The loss of this step averaged over ranks; the rank it most likely went wrong on (the first with a
+        non-finite loss, else the one with the largest); whether some rank's own loss was non-finite. On the device."""
         loss, self._loss = self._loss, None
         rank = torch.full((), float(trainer.global_rank), device=device)
         if loss is None:
-            return None, rank
+            return None, rank, torch.zeros((), dtype=torch.bool, device=device)
         loss = loss.to(device).reshape(())
         if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
             per_rank = torch.zeros(trainer.world_size, device=device)
@@ -346,204 +386,216 @@ class ExplosionGuard(GradGuardCallback):
             dist.all_reduce(per_rank)  # every rank gets every rank's loss: one collective, no host read
             loss = per_rank.mean()
             rank = torch.argmax(torch.nan_to_num(per_rank, nan=math.inf)).float()
-        return loss, rank
+        return loss, rank, ~torch.isfinite(loss)
 
-    def _respond(
-        self,
-        trainer: pl.Trainer,
-        pl_module: pl.LightningModule,
-        step: GradStep,
-        flags: Tensor,
-        found_inf: Tensor,
-        values: Tensor,
-        outcome: _Outcome,
-    ) -> None:
-        severity = (flags * self._severity(flags.device)).amax()
-        # when the grad scaler found an overflow it skips the step itself: do not skip (or rewind) a second time
-        severity = torch.where(found_inf & (severity < _SEVERITY["raise"]), 0.0, severity)
-        code = severity * 2 + flags.amax()  # odd when any event (logged ones included) happened on this step
-        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():
-            dist.all_reduce(code, op=dist.ReduceOp.MAX)  # every rank takes the most severe response of any rank
+    def _scale_collapse(self, scaler: torch.amp.GradScaler, overflow: Tensor) -> Tensor:
+        """Device bool, set once per collapse: the scaler skipped ``max_consecutive_skips`` steps in a row, or the
+        loss scale of an overflowing step fell below 1."""
+        self._overflows = torch.where(overflow, to_device(self._overflows, overflow.device) + 1, 0)
+        scale = loss_scale(scaler)
+        low = overflow & (scale.to(overflow.device).reshape(()) < 1) if scale is not None else torch.zeros_like(overflow)
+        first_low, self._low_scale = low & ~to_device(self._low_scale, low.device), low
+        if self.max_consecutive_skips is None:
+            return first_low
+        return first_low | (self._overflows == self.max_consecutive_skips)
+
+    def _across_ranks(self, trainer: pl.Trainer, flags: Tensor, origin: Tensor, own_fault: Tensor) -> tuple[Tensor, Tensor]:
+        """Every rank's flags (MAX). The origin is the loss's when a rank's own loss was non-finite, else the first
+        rank whose own gradients were (a fault after the gradient reduction), else the loss's."""
+        if not (trainer.world_size > 1 and dist.is_available() and dist.is_initialized()):
+            return flags, origin
+        world, rank = trainer.world_size, trainer.global_rank
+        mine = torch.where(own_fault, float(world - rank), 0.0).reshape(1)
+        combined = torch.cat([flags, mine])
+        dist.all_reduce(combined, op=dist.ReduceOp.MAX)  # one collective, no host read
+        first = combined[-1]
+        return combined[:-1], torch.where(first > 0, world - first, origin)
+
+    def _severity(self, flags: Tensor) -> Tensor:
+        if self._levels.device != flags.device:
+            self._levels = to_device(self._levels, flags.device)
+        return (flags * self._levels).amax()
+
+    def _skip_on_device(self, trainer: pl.Trainer, step: GradStep, flags: Tensor, values: Tensor) -> None:
+        """Skip through the optimizer's own device flag (GradScaler's ``found_inf``): no host read."""
+        skip = self._severity(flags) > 0
+        step.optimizer.found_inf = skip.float()  # type: ignore[attr-defined]
+        step.finite = step.finite & ~skip  # the later stages leave a skipped step out of their statistics
+        self._record(trainer, step, torch.cat([values, skip.float().reshape(1)]), "device")
+
+    def _respond(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: GradStep, flags: Tensor,
+                 values: Tensor) -> None:
+        code = self._severity(flags) * 2 + flags.amax()  # odd when any event (logged ones included) happened
         # the one host read per step, taken only because a "skip"/"raise"/"rewind" response is enabled
-        severity_level, any_event = divmod(int(code.item()), 2)  # sync: opt-in host decision
-
-        if severity_level == 0:
+        level, any_event = divmod(int(code.item()), 2)  # sync: opt-in host decision
+        if self.uses_rewind and (self._snapshot_due or (level == 0 and not any_event and
+                                                        step.global_step >= self.next_snapshot_step)):
+            self._take_snapshot(trainer, pl_module, step.global_step)
+        if level == 0:
             self.consecutive_skips = self.consecutive_flagged = 0
-            if self.uses_rewind and not any_event and step.step >= self.next_snapshot_step:
-                self._take_snapshot(trainer, pl_module, step.step)
-            self._record(trainer, step, values, outcome)
+            self._record(trainer, step, values, None)
             return
-        if severity_level == _SEVERITY["raise"]:
-            self._stop(trainer, step, values, outcome)
-        self.consecutive_flagged = self.consecutive_flagged + 1 if severity_level == _SEVERITY["rewind"] else 0
+        if level == _SEVERITY["raise"]:
+            self._stop(trainer, step, values, "raised")
+        self.consecutive_flagged = self.consecutive_flagged + 1 if level == _SEVERITY["rewind"] else 0
         step.drop_gradients()
         self.skipped += 1
         self.consecutive_skips += 1
-        outcome.action, outcome.skipped = "skipped", self.skipped
+        action = "skipped"
         if self.consecutive_flagged >= self.rewind_patience:
-            self._rewind(trainer, pl_module, step, values, outcome)
+            self._rewind(trainer, pl_module, step, values)
+            action = "rewound"
+        elif self.schedule_on_skip == "hold":
+            self._pending_schedule = Schedule(*self._optimizers_and_schedulers(trainer))
         limit = self.max_consecutive_skips
         if limit is not None and self.consecutive_skips >= limit:
-            reason = f"{self.consecutive_skips} steps in a row were skipped (max_consecutive_skips={limit})"
-            self._stop(trainer, step, values, outcome, reason=reason)
-        self._record(trainer, step, values, outcome)
-
-    def _severity(self, device: torch.device) -> Tensor:
-        severity = self._severity_by_device.get(device)
-        if severity is None:
-            levels = [float(_SEVERITY[self._responses[kind]]) for kind in EVENT_KINDS]
-            severity = self._severity_by_device[device] = device_tensor(levels, device=device)
-        return severity
+            self._stop(trainer, step, values, "raised", f"{self.consecutive_skips} steps in a row were skipped"
+                                                         f" (max_consecutive_skips={limit})")
+        self._record(trainer, step, values, action)
 
     def _optimizers_and_schedulers(self, trainer: pl.Trainer) -> tuple[list, list]:
-        return [unwrap_optimizer(o) for o in trainer.optimizers], [c.scheduler for c in trainer.lr_scheduler_configs]
+        return [torch_optimizer(o) for o in trainer.optimizers], [c.scheduler for c in trainer.lr_scheduler_configs]
 
     def _take_snapshot(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: int) -> None:
-        optimizers, schedulers = self._optimizers_and_schedulers(trainer)
-        self.snapshot.capture(pl_module, optimizers, schedulers, step, self.lr_scale)
+        self.snapshot.capture(pl_module, *self._optimizers_and_schedulers(trainer), step)
         self.next_snapshot_step = (step // self.snapshot_interval + 1) * self.snapshot_interval
+        self._snapshot_due = False
 
-    def _rewind(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: GradStep, values: Tensor, outcome: _Outcome
-    ) -> None:
-        if not self.snapshot.taken:
-            self._stop(trainer, step, values, outcome, reason="a rewind was due but no healthy snapshot exists yet")
+    def _rewind(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: GradStep, values: Tensor) -> None:
         if self.rewinds >= self.max_rewinds:
-            reason = f"{self.rewinds} rewinds did not help (max_rewinds={self.max_rewinds})"
-            self._stop(trainer, step, values, outcome, reason=reason)
-        optimizers, schedulers = self._optimizers_and_schedulers(trainer)
-        # learning rates go back to the snapshot's, then down to the scale in force after this rewind
-        factor = self.lr_scale * self.lr_factor / self.snapshot.lr_scale
-        self.snapshot.restore(pl_module, optimizers, schedulers, lr_factor=factor)
+            self._stop(trainer, step, values, "raised", f"{self.rewinds} rewinds did not help"
+                                                        f" (max_rewinds={self.max_rewinds})")
+        optimizers, _ = self._optimizers_and_schedulers(trainer)
+        self.snapshot.restore_state(pl_module, optimizers)
+        # the schedule goes back after Lightning has stepped the schedulers for this (skipped) step
+        self._pending_schedule = self.snapshot.schedule
         self.lr_scale *= self.lr_factor
         self.rewinds += 1
         self.consecutive_skips = self.consecutive_flagged = 0
-        outcome.action, outcome.rewinds = "rewound", self.rewinds
 
-    def _stop(
-        self, trainer: pl.Trainer, step: GradStep, values: Tensor, outcome: _Outcome, reason: Optional[str] = None
-    ) -> None:
+    def _stop(self, trainer: pl.Trainer, step: GradStep, values: Tensor, action: str, reason: Optional[str] = None) -> None:
         """Write the events of this step, then raise :class:`GradientExplosionError` on every rank."""
-        outcome.action = "raised"
-        self._record(trainer, step, values, outcome)
-        get_runtime(trainer).flush(trainer)
+        self._record(trainer, step, values, action)
+        self.pipeline.flush(trainer)
         host = values.tolist()  # sync: training stops here anyway
-        events = self._events_of(step.step, trainer.current_epoch, step.names, host, outcome)
-        event = next((e for e in events if e.kind != "overflow"), events[0])
+        where = self._where(trainer, step)
+        events = self._events_of(where, host, action) or [self._event(where, host, "nonfinite", action)]
+        # the event that asked for the raise, else (a limit was reached) the first that was answered
+        raising = [e for e in events if self._responses[_KIND[e.kind]] == "raise"] if reason is None else []
+        raise self._error((raising or [e for e in events if e.kind != "overflow"] or events)[0], reason)
+
+    def _error(self, event: ExplosionEvent, reason: Optional[str]) -> GradientExplosionError:
         layers = ", ".join(f"{name} ({norm:.4g})" for name, norm in event.top_layers[:3])
-        hint = _HINTS["nonfinite" if event.kind == "nonfinite" else "spike"]
         if reason is None:
-            option = "on_nonfinite" if event.kind == "nonfinite" else "on_spike"
-            reason = f"{_DESCRIPTIONS[event.kind]} ({option}='raise')"
-        raise GradientExplosionError(
+            option = "on_spike" if event.kind in ("spike", "loss_spike", "threshold") else "on_nonfinite"
+            reason = f"{_DESCRIPTIONS[event.kind]} ({option}={self._responses[_KIND[event.kind]]!r})"
+        return GradientExplosionError(
             f"ExplosionGuard stopped training at step {event.step} (epoch {event.epoch}): {reason}."
             f" Event: {event.kind}, gradient norm {event.grad_norm:.4g} (baseline {event.baseline:.4g},"
-            f" z-score {event.zscore:.4g}), loss {event.loss:.4g}. Worst layers: {layers}. What to try next: {hint}",
+            f" z-score {event.zscore:.4g}), loss {event.loss:.4g}. Worst layers: {layers}."
+            f" What to try next: {_HINTS.get(event.kind, _HINTS['spike'])}",
             event,
         )
 
     # reporting ----------------------------------------------------------------------------------------------------
-    def _record(self, trainer: pl.Trainer, step: GradStep, values: Tensor, outcome: _Outcome) -> None:
-        """Queue this step's values for the flush; the sink turns flagged steps into events (rank 0 only)."""
-        if not trainer.is_global_zero:
+    def _where(self, trainer: pl.Trainer, step: GradStep) -> _Where:
+        return _Where(step.step, step.global_step, trainer.current_epoch, step.optimizer_idx, step.names)
+
+    def _record(self, trainer: pl.Trainer, step: GradStep, values: Tensor, action: Optional[str]) -> None:
+        """Queue this step's values for the flush; the sink turns flags into events (rank 0, or every rank when
+        skips are counted at the flush)."""
+        if not trainer.is_global_zero and action != "device":
             return
-        epoch, names = trainer.current_epoch, step.names
+        where, totals = self._where(trainer, step), (self.skipped, self.rewinds)
 
         def sink(step_number: int, host: list) -> None:
-            events = self._events_of(step_number, epoch, names, host, outcome)
-            self._pending_events.extend(events)
-            counts = host[_StepValues.COUNTS]
-            row = {f"{TAG_PREFIX}/events/{e.kind}": counts[EVENT_KINDS.index(e.kind)] for e in events}
-            if outcome.skipped is not None:
-                row[f"{TAG_PREFIX}/guard/skipped"] = float(outcome.skipped)
-            if outcome.rewinds is not None:
-                row[f"{TAG_PREFIX}/guard/rewinds"] = float(outcome.rewinds)
-            if row:
-                self._pending_metrics[step_number] = row
+            done, (skipped, rewinds) = action, totals
+            if action == "device":  # the skip decided on the device, read now
+                done = "skipped" if host[-1] > 0 else None
+                self._count_device_skip(done is not None, where, host)
+                skipped = self.skipped
+            events = self._events_of(where, host, done)
+            self._events.extend(events)
+            counts = host[len(EVENT_KINDS) + 7 : 2 * len(EVENT_KINDS) + 7]
+            row = {f"{TAG_PREFIX}/events/{e.kind}": counts[_KIND[e.kind]] for e in events}
+            if done in ("skipped", "rewound", "raised"):
+                row[f"{TAG_PREFIX}/guard/skipped"] = float(skipped)
+            if done == "rewound":
+                row[f"{TAG_PREFIX}/guard/rewinds"] = float(rewinds)
+            if row and trainer.is_global_zero:
+                self._metrics[step_number] = row
 
-        # added to the shared buffer directly (not through ``step.log_custom``): the JSON-lines file is written
-        # even when the Trainer has no logger
-        step.runtime.buffer.add_custom(step.step, values, sink)
+        self.pipeline.buffer.add_custom(step.step, values, sink)
 
-    def _events_of(
-        self, step: int, epoch: int, names: list[str], host: list, outcome: _Outcome
-    ) -> list[ExplosionEvent]:
-        flags = host[_StepValues.FLAGS]
-        if not any(flags):
-            return []
-        k = (len(host) - _StepValues.TOP) // 2
-        indices = host[_StepValues.TOP : _StepValues.TOP + k]
-        top = [(names[int(i)], norm) for i, norm in zip(indices, host[_StepValues.TOP + k :])]
-        overflow = flags[_OVERFLOW] > 0
+    def _count_device_skip(self, skipped: bool, where: _Where, host: list) -> None:
+        self.skipped += skipped
+        self.consecutive_skips = self.consecutive_skips + 1 if skipped else 0
+        limit = self.max_consecutive_skips
+        if limit is not None and self.consecutive_skips >= limit and self._limit_event is None:
+            event = next(iter(self._events_of(where, host, "raised")))
+            self._limit_event = (event, f"{self.consecutive_skips} steps in a row were skipped"
+                                        f" (max_consecutive_skips={limit})")
+
+    def _events_of(self, where: _Where, host: list, action: Optional[str]) -> list[ExplosionEvent]:
         events = []
-        for kind, flagged in zip(EVENT_KINDS, flags):
+        for kind, flagged, response in zip(EVENT_KINDS, host[: len(EVENT_KINDS)], self._responses):
             if not flagged:
                 continue
-            if kind == "overflow" or (overflow and outcome.action is None and self._responses[kind] != "log"):
-                action = "scaler_skipped"
-            elif self._responses[kind] == "log" or outcome.action is None:
-                action = "logged"
+            if kind == "overflow":
+                done = "scaler_skipped"
+            elif response == "log" or action is None:
+                done = "logged"
             else:
-                action = outcome.action
-            loss_driven = kind == "loss_spike"
-            events.append(
-                ExplosionEvent(
-                    step=step,
-                    epoch=epoch,
-                    kind=kind,
-                    grad_norm=host[_StepValues.NORM],
-                    loss=host[_StepValues.LOSS],
-                    baseline=host[_StepValues.LOSS_BASE if loss_driven else _StepValues.NORM_BASE],
-                    zscore=host[_StepValues.LOSS_Z if loss_driven else _StepValues.NORM_Z],
-                    action=action,
-                    top_layers=top,
-                    rank=int(host[_StepValues.ORIGIN]),
-                )
-            )
+                done = action
+            events.append(self._event(where, host, kind, done))
         return events
 
+    def _event(self, where: _Where, host: list, kind: str, action: str) -> ExplosionEvent:
+        n = len(EVENT_KINDS)
+        norm, loss, norm_base, norm_z, loss_base, loss_z, origin = host[n : n + 7]
+        k = self.top_k if len(where.names) >= self.top_k else len(where.names)
+        top = host[2 * n + 7 : 2 * n + 7 + 2 * k]
+        loss_driven = kind == "loss_spike"
+        return ExplosionEvent(
+            step=where.step,
+            epoch=where.epoch,
+            kind=kind,
+            grad_norm=norm,
+            loss=loss,
+            baseline=loss_base if loss_driven else norm_base,
+            zscore=loss_z if loss_driven else norm_z,
+            action=action,
+            top_layers=[(where.names[int(i)], value) for i, value in zip(top[:k], top[k:])],
+            rank=int(origin),
+            optimizer=where.optimizer_idx,
+            global_step=where.global_step,
+        )
+
     @override
-    def on_flush(self, trainer: pl.Trainer, result: FlushResult) -> None:
-        if not self._pending_events and not self._pending_metrics:
-            return
-        events, self._pending_events = self._pending_events, []
-        metrics, self._pending_metrics = self._pending_metrics, {}
-        if events:
-            append_jsonl(self._resolve_events_path(trainer), events)
-            writer = get_runtime(trainer).tensorboard_writer
-            for event in events:
-                self.tally[(event.kind, event.action)] += 1
-                if writer is not None:
-                    write_text(writer, TEXT_TAG, event.to_markdown(), event.step)
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:
+        super().on_train_batch_end(trainer, pl_module, *args, **kwargs)
+        if self._limit_event is not None:  # skips counted at this flush reached the limit (the device path)
+            (event, reason), self._limit_event = self._limit_event, None
+            self.pipeline.events.write([event])
+            raise self._error(event, reason)
+
+    @override
+    def on_flush(self, trainer: pl.Trainer, result: FlushResult) -> list[ExplosionEvent]:
+        events, self._events = self._events, []
+        metrics, self._metrics = self._metrics, {}
         for step, row in metrics.items():
             result.metrics.setdefault(step, {}).update(row)
-
-    def _resolve_events_path(self, trainer: pl.Trainer) -> Path:
-        if self._events_path is None:
-            log_dir = next((lg.log_dir for lg in trainer.loggers if getattr(lg, "log_dir", None)), None)
-            self._events_path = Path(log_dir or trainer.default_root_dir) / EVENTS_FILE
-        return self._events_path
+        return events
 
     def summary(self) -> str:
         """The end-of-fit table: events of this fit per kind and action, skipped steps and rewinds."""
-        text = summary_table(self.tally, skipped=self.skipped, rewinds=self.rewinds)
+        text = summary_table(self.pipeline.events.tally, skipped=self.skipped, rewinds=self.rewinds)
         if self.snapshot.taken:
             text += (
                 f"\nrewind snapshot: {self.snapshot.nbytes / 2**20:.2f} MiB on {self.snapshot_device},"
                 f" last taken at step {self.snapshot.step} in {self.snapshot.seconds * 1e3:.2f} ms"
             )
         return text
-
-    @override
-    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        super().on_train_end(trainer, pl_module)
-        rank_zero_info(f"ExplosionGuard summary\n{self.summary()}")
-
-    @override
-    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        super().on_exception(trainer, pl_module, exception)
-        if isinstance(exception, GradientExplosionError):
-            rank_zero_info(f"ExplosionGuard summary\n{self.summary()}")
 
     @override
     def charts(self) -> dict[str, list[str]]:
@@ -555,56 +607,51 @@ class ExplosionGuard(GradGuardCallback):
         # at checkpoint time only: the device tensors are copied to the CPU (a host sync)
         return {
             "norm_windows": {i: _on_cpu(d.state_dict()) for i, d in self._norm_detectors.items()},
-            "loss_window": _on_cpu(self._loss_detector.state_dict()),
+            "loss_windows": {i: _on_cpu(d.state_dict()) for i, d in self._loss_detectors.items()},
             "counts": self._counts.to("cpu", copy=True),
+            "overflows": self._overflows.to("cpu", copy=True),
             "skipped": self.skipped,
             "rewinds": self.rewinds,
             "consecutive_skips": self.consecutive_skips,
             "consecutive_flagged": self.consecutive_flagged,
             "lr_scale": self.lr_scale,
             "next_snapshot_step": self.next_snapshot_step,
+            "window": self.window,
         }
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._norm_detectors = {}
-        for i, window in state_dict.get("norm_windows", {}).items():
-            self._norm_detectors[int(i)] = self._new_detector()
-            self._norm_detectors[int(i)].load_state_dict(window)
-        self._loss_detector = self._new_detector()
-        self._loss_detector.load_state_dict(state_dict.get("loss_window", {}))
-        counts = state_dict.get("counts", torch.zeros(len(EVENT_KINDS)))
-        self._counts = torch.as_tensor(counts, dtype=torch.float32).clone()
+        saved_window = state_dict.get("window", self.window)
+        if saved_window != self.window:
+            rank_zero_warn(f"ExplosionGuard: `window` was {saved_window} in the checkpoint and is {self.window} now;"
+                           " the running statistics keep their most recent values")
+        for key, detectors in (("norm_windows", self._norm_detectors), ("loss_windows", self._loss_detectors)):
+            detectors.clear()
+            for i, window in state_dict.get(key, {}).items():
+                self._detector(detectors, int(i)).load_state_dict(window)
+        if "loss_window" in state_dict:  # one loss window for every optimizer, as older checkpoints have it
+            self._detector(self._loss_detectors, 0).load_state_dict(state_dict["loss_window"])
+        counts = torch.as_tensor(state_dict.get("counts", torch.zeros(len(EVENT_KINDS))), dtype=torch.float32)
+        self._counts = torch.cat([counts, torch.zeros(len(EVENT_KINDS) - counts.numel())])
+        self._overflows = torch.as_tensor(state_dict.get("overflows", 0), dtype=torch.long).clone()
         self.skipped = int(state_dict.get("skipped", 0))
         self.rewinds = int(state_dict.get("rewinds", 0))
         self.consecutive_skips = int(state_dict.get("consecutive_skips", 0))
         self.consecutive_flagged = int(state_dict.get("consecutive_flagged", 0))
         self.lr_scale = float(state_dict.get("lr_scale", 1.0))
         self.next_snapshot_step = int(state_dict.get("next_snapshot_step", 0))
+        self._snapshot_due = True  # the snapshot lives in memory only: the resumed state is the next one
+
+
+def _clear_found_inf(optimizer: torch.optim.Optimizer, *args: Any) -> None:
+    optimizer.__dict__.pop("found_inf", None)
 
 
 def _on_cpu(state: dict[str, Tensor]) -> dict[str, Tensor]:
     return {key: value.to("cpu", copy=True) for key, value in state.items()}
 
 
-def _check_positive_number(value: Any, name: str) -> None:
+def _positive_number(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value > 0):
         raise ValueError(f"Expected `{name}` to be a positive finite number but got {value!r}")
-
-
-def _grad_scaler(trainer: pl.Trainer) -> Optional[Any]:
-    return getattr(trainer.precision_plugin, "scaler", None)
-
-
-def _scaler_found_inf(trainer: pl.Trainer, optimizer: torch.optim.Optimizer, device: torch.device) -> Tensor:
-    """Device bool: did the AMP grad scaler find Inf/NaN when it unscaled this optimizer's gradients?
-
-    Lightning's ``MixedPrecision`` plugin unscales before ``on_before_optimizer_step``; the scaler keeps the
-    result per optimizer (``found_inf_per_device``) and skips ``optimizer.step()`` when any is set.
-    """
-    scaler = _grad_scaler(trainer)
-    state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer)) if scaler is not None else None
-    found = list(state.get("found_inf_per_device", {}).values()) if state else []
-    if not found:
-        return torch.zeros((), dtype=torch.bool, device=device)
-    return torch.stack([f.to(device).reshape(()) for f in found]).sum() > 0
+    return float(value)

@@ -8,8 +8,7 @@ import lightning.pytorch as pl
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
-from lightning_gradguard.callbacks._runtime import TAG_PREFIX, GradStep
-from lightning_gradguard.callbacks.base import STAGE_QUANTIZE, GradGuardCallback
+from lightning_gradguard.callbacks.base import TAG_PREFIX, GradGuardCallback, GradStep
 from lightning_gradguard.functional.quantization import GradientQuantizer, Method, Rounding
 
 __all__ = ["GradientQuantization"]
@@ -76,7 +75,7 @@ class GradientQuantization(GradGuardCallback):
         >>> trainer = Trainer(callbacks=[quantization], logger=False, enable_progress_bar=False)
     """
 
-    stage = STAGE_QUANTIZE
+    stage = 30
 
     def __init__(
         self,
@@ -120,7 +119,7 @@ class GradientQuantization(GradGuardCallback):
 
     @override
     def process_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: GradStep) -> None:
-        stats = self.quantizer.quantize_(step.grads, step.step, names=step.names, stream=step.optimizer_idx)
+        stats = self.quantizer.quantize_(step.grads, step.global_step, names=step.names, stream=step.optimizer_idx)
         step.log("quant/rel_error", stats.rel_error)
         step.log("quant/clamped", stats.clamped_fraction)
 

@@ -7,19 +7,20 @@ from lightning_gradguard.functional.clipping import (
     agc_coefficients,
     clamp_,
     clip_coefficient,
+    output_layer,
     scale_,
-    unitwise_norms,
     zscore_threshold,
 )
 from lightning_gradguard.functional.communication import CommStats, QuantizedCommState, quantized_allreduce_hook
 from lightning_gradguard.functional.detection import SpikeCheck, SpikeDetector, spike_score, top_layers
 from lightning_gradguard.functional.norms import (
+    StepGradients,
     UnitNorms,
     as_local_tensor,
+    full_tensor_norms,
     grad_norms,
     total_norm,
     unit_norms,
-    unit_values,
     validate_norm_type,
 )
 from lightning_gradguard.functional.quantization import (
@@ -44,6 +45,7 @@ __all__ = [
     "RunningWindow",
     "SpikeCheck",
     "SpikeDetector",
+    "StepGradients",
     "UnitNorms",
     "adagc_coefficients",
     "agc_coefficients",
@@ -53,8 +55,10 @@ __all__ = [
     "decode",
     "derive_seed",
     "encode",
+    "full_tensor_norms",
     "grad_norms",
     "levels_for_bits",
+    "output_layer",
     "quantize",
     "quantized_allreduce_hook",
     "scale_",
@@ -62,8 +66,6 @@ __all__ = [
     "top_layers",
     "total_norm",
     "unit_norms",
-    "unit_values",
-    "unitwise_norms",
     "validate_norm_type",
     "zscore_threshold",
 ]

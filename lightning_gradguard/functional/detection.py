@@ -21,7 +21,7 @@ Nothing here reads a value back to the host.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, NamedTuple, Optional
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor
@@ -32,21 +32,6 @@ __all__ = ["STATISTICS", "SpikeCheck", "SpikeDetector", "Statistic", "spike_scor
 
 Statistic = Literal["median", "mean"]
 STATISTICS = ("median", "mean")
-
-
-class Finiteness:
-    """Mixin for a step record with ``finite``, a device bool: whether the step's global norm is finite. Adds
-    ``nonfinite``, its negation, made once when a consumer first asks (most steps never need it)."""
-
-    finite: Tensor
-    _nonfinite: Optional[Tensor] = None
-
-    @property
-    def nonfinite(self) -> Tensor:
-        """Device bool, ``~finite``."""
-        if self._nonfinite is None:
-            self._nonfinite = ~self.finite
-        return self._nonfinite
 
 
 # 1 / Phi^-1(3/4): scales the MAD to the standard deviation of normal data

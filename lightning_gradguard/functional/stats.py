@@ -137,16 +137,22 @@ class RunningWindow:
         return {"values": self.values.clone(), "count": self.count.clone()}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        values = state_dict.get("values")
-        if values is not None:
-            if values.shape != self.values.shape:
-                raise ValueError(
-                    f"Expected a window of length {self.length} in the state dict but got {tuple(values.shape)}"
-                )
-            self.values = to_device(values.to(_DTYPE), self.values.device).clone()
-        count = state_dict.get("count")
+        """Load :meth:`state_dict`. A window saved with another ``length`` keeps its most recent values, as many as
+        fit, as if they were the only ones ever appended."""
+        values, count = state_dict.get("values"), state_dict.get("count")
         if count is not None:
             self.count = to_device(torch.as_tensor(count, dtype=torch.long), self.count.device).clone()
+        if values is None:
+            return
+        values = values.to(_DTYPE)
+        if values.shape != self.values.shape:
+            # sync: a checkpoint is being loaded, not a step taken
+            saved, count = values.numel(), int(self.count)
+            oldest_first = values.roll(-(count % saved))[-min(count, saved) :] if count else values[:0]
+            kept = oldest_first[-self.length :].cpu()
+            values = torch.cat([kept, torch.full((self.length - kept.numel(),), math.nan)])
+            self.count = to_device(torch.tensor(kept.numel()), self.count.device)
+        self.values = to_device(values, self.values.device).clone()
 
 
 class EmaMoments:

@@ -2,47 +2,15 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
 
-__all__ = [
-    "HISTOGRAM_BINS",
-    "find_tensorboard_writer",
-    "histogram_stats",
-    "write_histogram",
-    "write_layout",
-    "write_text",
-]
+__all__ = ["HISTOGRAM_BINS", "histogram_stats", "write_histogram", "write_layout"]
 
 HISTOGRAM_BINS = 64
 LAYOUT_TITLE = "gradguard"
-
-
-def find_tensorboard_writer(trainer: Any) -> Optional[Any]:
-    """The ``SummaryWriter`` of the first ``TensorBoardLogger`` on the trainer, or ``None``."""
-    from lightning.pytorch.loggers import TensorBoardLogger
-
-    for logger in trainer.loggers:
-        if isinstance(logger, TensorBoardLogger):
-            return logger.experiment
-    return None
-
-
-def write_scalars(logger: Any, metrics: dict[str, float], step: int) -> None:
-    """What ``TensorBoardLogger.log_metrics(metrics, step)`` writes, as one event holding every value instead of one
-    event per value: a flush with per-layer norms writes hundreds of scalars, and one ``add_scalar`` each (what
-    Lightning does) costs about a tenth of a millisecond apiece. The logger's prefix is kept."""
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    prefix = getattr(logger, "_prefix", "")
-    join = getattr(logger, "LOGGER_JOIN_CHAR", "-")
-    values = [
-        Summary.Value(tag=f"{prefix}{join}{tag}" if prefix else tag, simple_value=float(value))
-        for tag, value in metrics.items()
-    ]
-    logger.experiment._get_file_writer().add_summary(Summary(value=values), step)
 
 
 def write_layout(writer: Any, charts: dict[str, list[str]]) -> None:
@@ -93,9 +61,3 @@ def write_histogram(writer: Any, tag: str, step: int, values: list, bins: int = 
         bucket_counts=counts,
         global_step=step,
     )
-
-
-def write_text(writer: Any, tag: str, text: str, step: int) -> None:
-    writer.add_text(tag, text, global_step=step)
-    writer.flush()
-

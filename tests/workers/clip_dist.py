@@ -46,7 +46,7 @@ class RecordingClipping(GradientClipping):
                 "threshold": step.clip_threshold.item(),
                 "coef": step.clip_coef.item(),
                 "clipped": step.clipped_norm.item(),
-                "per_tensor": step.per_tensor_norms.tolist(),
+                "per_tensor": step.per_tensor.tolist(),
                 "full_per_tensor": full_norms,
                 "clipped_full": torch.stack([full(g).norm() for g in step.grads]).norm().item(),
             }

@@ -1,8 +1,10 @@
-"""2-process run of ExplosionGuard: a NaN on one rank's batch, then a loss blow-up on the other rank.
+"""2-process run of ExplosionGuard: a NaN on one rank's batch, a fault on one rank after the gradient reduction,
+then a loss blow-up on the other rank.
 
-Rank 1's loss is NaN at ``nan_step`` (response "skip"); rank 0's loss is multiplied by 1000 at ``blowup_steps``
-(a gradient-norm and loss spike, response "rewind" with patience 2). Each rank records what the guard decided at
-every step and its full parameters around the rewind.
+Rank 1's loss is NaN at ``nan_step`` (response "skip"); rank 1's own gradients turn NaN after DDP averaged them at
+``local_fault_step`` (rank 0's stay finite: only rank 1 sees the event); rank 0's loss is multiplied by 1000 at
+``blowup_steps`` (a gradient-norm and loss spike, response "rewind" with patience 2). Each rank records what the
+guard decided at every step and its full parameters around the rewind.
 """
 
 import torch
@@ -11,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from lightning_gradguard.callbacks.guard import ExplosionGuard
+from tests.helpers.faults import Faults
 
 
 class RecordingGuard(ExplosionGuard):
@@ -23,19 +26,7 @@ class RecordingGuard(ExplosionGuard):
         self.decisions.append([step.step, step.skipped, self.rewinds])
 
 
-class FaultyRegressor(ShardableRegressor):
-    def __init__(self, nan_step, blowup_steps, **kwargs):
-        super().__init__(**kwargs)
-        self.nan_step, self.blowup_steps = nan_step, set(blowup_steps)
-
-    def training_step(self, batch, batch_idx):
-        loss = super().training_step(batch, batch_idx)
-        if self.global_step == self.nan_step and self.global_rank == 1:
-            loss = loss * float("nan")
-        if self.global_step in self.blowup_steps and self.global_rank == 0:
-            loss = loss * 1000.0
-        return loss
-
+class AdamRegressor(ShardableRegressor):
     def configure_optimizers(self):
         return torch.optim.Adam(self.parameters(), lr=1e-2)
 
@@ -63,16 +54,21 @@ if __name__ == "__main__":
         on_spike="rewind",
         window=8,
         warmup=4,
+        threshold=20.0,  # the blow-ups are thousands of spreads above the baseline; early noise on 8 values is not
         snapshot_interval=config["snapshot_interval"],
         rewind_patience=2,
         flush_interval=3,
     )
     params_at = ParamsAt(config["snapshot_step"], config["blowup_steps"][-1])
-    model = FaultyRegressor(config["nan_step"], config["blowup_steps"])
+    model = AdamRegressor()
+    faults = [
+        Faults(loss={config["nan_step"]: "nan"}, grads={config["local_fault_step"]: "nan"}, ranks={1}),
+        Faults(loss_scale=dict.fromkeys(config["blowup_steps"], 1000.0), ranks={0}),
+    ]
     trainer = make_trainer(
         strategy,
         max_steps=config["max_steps"],
-        callbacks=[guard, params_at],
+        callbacks=[*faults, guard, params_at],
         logger=TensorBoardLogger(str(out), name="logs", version=0),
     )
     trainer.fit(model)

@@ -17,8 +17,8 @@ class RecordingMonitor(GradientNormMonitor):
         self.seen.append(
             {
                 "step": step.step,
-                "total": float(step.total_norm),
-                "per_tensor": dict(zip(step.names, step.per_tensor_norms.tolist())),
+                "total": float(step.total),
+                "per_tensor": dict(zip(step.names, step.per_tensor.tolist())),
             }
         )
 
