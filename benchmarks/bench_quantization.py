@@ -1,9 +1,8 @@
 """Per-step cost of GradientQuantization's work, for ``benchmarks/overhead.py`` (against ``clip_grad_norm_``).
 
 Each case quantizes the ``.grad`` of every parameter in place, as the callback does once per optimizer step (the
-step number advances each call, so every call draws fresh random numbers). Target from the issue: stochastic
-8-bit at most 4x ``clip_grad_norm_`` on the CPU. The peer is torch's own communication hook math,
-``quantization_pertensor_hook``-style per-tensor 8-bit rounding, written as the loop over parameters it is.
+step number advances each call, so every call draws fresh random numbers). The peer is torch's own communication
+hook math, ``quantization_pertensor_hook``-style per-tensor 8-bit rounding, written as the loop over parameters it is.
 """
 
 from __future__ import annotations
