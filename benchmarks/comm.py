@@ -200,7 +200,8 @@ def main() -> None:
         f"Date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}. Command: `python benchmarks/comm.py"
         f"{' --quick' if args.quick else ''}`. Hardware: {os.cpu_count()}-core CPU ({platform.processor() or 'x86'}),"
         f" one process per rank with one thread each, gloo over the loopback interface (`GLOO_SOCKET_IFNAME=lo`),"
-        f" torch {torch.__version__}, Python {platform.python_version()}. The machine is shared: timings are noisy.",
+        f" torch {torch.__version__}, Python {platform.python_version()}. The machine is shared with other jobs"
+        f" (load average {os.getloadavg()[0]:.1f} at the start): timings are noisy, bytes are not.",
         "",
         "### Bytes on the wire",
         "",

@@ -21,6 +21,7 @@ from lightning_gradguard.functional.communication import (
     quantized_allreduce_hook,
     unpack_codes,
 )
+from lightning_gradguard.utilities import HostSyncCounter
 
 WORLD = 2
 STEPS = 4
@@ -284,8 +285,13 @@ def _worker(rank: int, port: int, out: str) -> None:
     # unbiasedness of the two hops: many draws of the average of two fixed vectors, 2-bit, no error feedback
     values = torch.randn(512, generator=torch.Generator().manual_seed(7 + rank))
     state = QuantizedCommState("stochastic", bits=2, block_size=128)
-    draws = torch.stack([quantized_allreduce_hook(state, _FakeBucket(values.clone())).wait() for _ in range(DRAWS)])
-    result["draws"], result["target"] = draws, _sum(values) / WORLD
+    draws, result["syncs"] = [], []
+    for _ in range(DRAWS):
+        with HostSyncCounter() as counter:  # DDP's thread: the first hop and the accounting
+            future = quantized_allreduce_hook(state, _FakeBucket(values.clone()))
+        result["syncs"].append(counter.total)
+        draws.append(future.wait())
+    result["draws"], result["target"] = torch.stack(draws), _sum(values) / WORLD
     torch.save(result, os.path.join(out, f"rank{rank}.pt"))
     dist.destroy_process_group()
 
@@ -360,6 +366,11 @@ def test_world_size_or_layout_mismatch_warns_and_resets(ranks):
         assert any("world size 3" in m and "restarts from zero" in m for m in r["world_warning"])
         assert r["world_reset"]
         assert any("bucket layout" in m and "restarts from zero" in m for m in r["layout_warning"])
+
+
+@pytest.mark.distributed
+def test_no_host_reads_on_ddp_thread(ranks):
+    assert all(r["syncs"] == [0] * DRAWS for r in ranks)
 
 
 @pytest.mark.distributed

@@ -14,8 +14,9 @@ over ``T`` steps the sum of the averaged gradients times the world size equals t
 minus the sum of all ranks' residuals.
 
 Non-finite gradients: a block with a NaN or Inf is sent with a NaN scale, so the averaged bucket is NaN there on
-every rank, and each rank's flag travels with its second-hop codes (:attr:`CommStats.nonfinite_ranks`). A bucket
-whose reduction is not finite leaves every rank's residual as it was.
+every rank, and each rank's flag travels with its second-hop codes (:attr:`CommStats.nonfinite_ranks`). The new
+residuals of a step become current after its last bucket, and only if every bucket's reduction was finite: a step
+with a NaN or Inf anywhere leaves every rank's residuals as they were.
 
 Codes are packed densely: ``bits`` per element for ``"stochastic"``, ``ceil(log2(2 * levels + 1))`` for ``"qsgd"``,
 2 for ``"terngrad"``, 1 for ``"sign"``. Every per-step decision is taken on the device; the byte counts are known
@@ -167,8 +168,10 @@ class QuantizedCommState:
         process_group: the DDP process group (default: the world). The second hop runs on a twin group created at
             the first call, so that it can be issued from the first hop's completion callbacks in bucket order.
 
-    Checkpoint every rank's :meth:`state_dict` (the residuals differ per rank) and load each rank its own. A load
-    on another world size or bucket layout warns and restarts error feedback from zero.
+    After each backward pass, :attr:`stats` has the step's bytes, ratio, relative error and non-finite ranks. A
+    step that the optimizer skips calls :meth:`undo_step`; a rewind loads the :meth:`state_dict` saved with its
+    snapshot. Checkpoint every rank's :meth:`state_dict` (the residuals differ per rank) and load each rank its
+    own: a load on another world size or bucket layout warns and restarts error feedback from zero.
 
     Raises:
         TypeError, ValueError: for arguments of the wrong type, out of range, or that do not apply to ``method``.

@@ -49,14 +49,15 @@ __all__ = [
     "TERNGRAD_CLAMP_SIGMA",
     "GradientQuantizer",
     "QuantizationStats",
+    "block_scales",
+    "check_error_feedback",
+    "check_int",
     "decode",
     "derive_seed",
     "encode",
     "levels_for_bits",
     "quantize",
     "resolve_levels",
-    "check_error_feedback",
-    "check_int",
     "shard_coordinate",
 ]
 
