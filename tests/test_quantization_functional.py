@@ -9,7 +9,9 @@ import torch
 from lightning_gradguard.functional.quantization import (
     QUANTILE_SAMPLES,
     GradientQuantizer,
+    decode,
     derive_seed,
+    encode,
     levels_for_bits,
     quantize,
 )
@@ -265,6 +267,9 @@ def test_other_dtypes(dtype):
         (dict(bits=9), ValueError, r"Expected `bits` to be an integer in \[2, 8\] but got 9"),
         (dict(bits=8.0), TypeError, "Expected `bits` to be an integer in .* but got float"),
         (dict(levels=4), ValueError, "`levels` applies to method='qsgd' only"),
+        (dict(method="sign", bits=4), ValueError, "`bits` does not apply to method='sign' .* but got bits=4"),
+        (dict(method="terngrad", bits=2), ValueError, "`bits` does not apply to method='terngrad'"),
+        (dict(method="qsgd", bits=4, levels=3), ValueError, "at most one of `bits` and `levels` .* got 4 and 3"),
         (dict(method="qsgd", levels=0), ValueError, "Expected `levels` to be an integer >= 1 but got 0"),
         (dict(block_size=0), ValueError, "Expected `block_size` to be an integer >= 1 but got 0"),
         (dict(rounding="floor"), ValueError, "Expected `rounding` to be one of"),
@@ -282,6 +287,28 @@ def test_other_dtypes(dtype):
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         GradientQuantizer(**kwargs)
+
+
+def test_the_callbacks_forwarded_defaults_count_as_not_given():
+    # GradientQuantization passes bits=8 and rounding="stochastic" whatever the method
+    assert GradientQuantizer("sign", bits=8, rounding="stochastic").levels == 1
+    assert GradientQuantizer("terngrad", bits=8).levels == 1
+    assert GradientQuantizer("qsgd", bits=8, levels=5).levels == 5
+
+
+def test_encode_decode_on_blocks():
+    blocks = torch.tensor([[0.5, -1.0, 0.25, 2.0], [0.0, 0.0, 0.0, 0.0], [1.0, math.nan, 0.0, 1.0]])
+    codes, scales = encode(blocks, "stochastic", 7, generator=torch.Generator().manual_seed(0))
+    finite = codes[:2]  # a block that is not finite gets NaN codes: the callers keep or mask them
+    assert finite.abs().max() <= 7 and torch.equal(finite, finite.round())
+    values = decode(codes, scales, 7)
+    assert torch.equal(scales[:2], torch.tensor([2.0, 0.0])) and torch.equal(values[1], torch.zeros(4))
+    assert torch.isnan(values[2]).all()  # a NaN scale makes the whole block NaN
+    assert ((values[0] - blocks[0]).abs() <= 2.0 / 7).all()  # within one level of the input
+    # sign: one bit per element, a zero counts as positive; the scale is the mean |x|
+    codes, scales = encode(blocks[:2], "sign", 1)
+    assert codes.tolist() == [[1, -1, 1, 1], [1, 1, 1, 1]]
+    assert torch.equal(decode(codes, scales, 1), torch.tensor([[0.9375, -0.9375, 0.9375, 0.9375], [0.0] * 4]))
 
 
 def test_terngrad_defaults_to_its_clip():

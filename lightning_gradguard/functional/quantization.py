@@ -328,7 +328,7 @@ class GradientQuantizer:
         if method == "terngrad" and self.clamp_sigma is None and self.clamp_quantile is None:
             self.clamp_sigma = TERNGRAD_CLAMP_SIGMA
         self.seed = check_int(seed, "seed", 0)
-        self._layouts: dict[tuple[int, int], tuple[tuple, _Layout]] = {}  # (stream, group) -> (signature, layout)
+        self._layouts: dict[tuple, _Layout] = {}  # by the shapes, dtype and device of a group's tensors
         self._residuals: dict[int, dict[str, Tensor]] = {}  # stream -> name -> local residual (compute dtype)
         self._specs: dict[int, dict[str, Optional[tuple]]] = {}  # stream -> name -> DTensor spec of the gradient
         self._pending: dict[int, dict[str, Tensor]] = {}  # residuals loaded from a checkpoint, full tensors
@@ -363,7 +363,7 @@ class GradientQuantizer:
             group_names, locals_ = [items[i][0] for i in idx], [items[i][2] for i in idx]
             if self.error_feedback:
                 carried = [_carried(n, old, pending, self._specs[stream][n], t) for n, t in zip(group_names, locals_)]
-            layout = self._layout(stream, index, locals_)
+            layout = self._layout(locals_)
             generator = self._generators.setdefault(key[0], torch.Generator(device=key[0]))
             generator.manual_seed(derive_seed(self.seed, step, stream, index, *key[2]))
             stats, new = self._quantize_group(layout, locals_, carried if self.error_feedback else None, generator)
@@ -374,14 +374,12 @@ class GradientQuantizer:
         totals = sum((p.to(device, torch.float32) for p in parts), torch.zeros(4, device=device))
         return QuantizationStats(*totals.unbind())
 
-    def _layout(self, stream: int, index: int, tensors: list[Tensor]) -> _Layout:
+    def _layout(self, tensors: list[Tensor]) -> _Layout:
         signature = tuple((t.shape, t.dtype, t.device) for t in tensors)
-        cached = self._layouts.get((stream, index))
-        if cached is None or cached[0] != signature:
+        if signature not in self._layouts:
             compute = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
-            layout = _Layout([t.shape for t in tensors], self.block_size, tensors[0].device, compute)
-            self._layouts[(stream, index)] = cached = (signature, layout)
-        return cached[1]
+            self._layouts[signature] = _Layout([t.shape for t in tensors], self.block_size, tensors[0].device, compute)
+        return self._layouts[signature]
 
     def _quantize_group(
         self, layout: _Layout, tensors: list[Tensor], carried: Optional[list[Optional[Tensor]]], generator: Any
@@ -399,7 +397,7 @@ class GradientQuantizer:
             if pairs:
                 torch._foreach_copy_(*map(list, zip(*pairs)))
         p = x + residual if residual is not None else x.clone()
-        norms = _norms(layout.views(p)).to(compute)
+        norms = _norms(layout.views(p))
         ok_tensor = torch.isfinite(norms)
         ok = layout.per_block(ok_tensor).unsqueeze(1)
         clamped = torch.zeros((), dtype=compute, device=x.device)
@@ -409,12 +407,12 @@ class GradientQuantizer:
             bound = layout.per_block(torch.where(ok_tensor, bound, math.inf)).unsqueeze(1)
             clamped = torch.where(ok, p.abs() > bound, False).sum().to(compute)
             p = torch.minimum(torch.maximum(p, -bound), bound)
-            norms = _norms(layout.views(p)).to(compute)
+            norms = _norms(layout.views(p))
         scales = None
         if self.method == "terngrad":  # one scale per tensor: its largest element after clipping
-            scales = layout.per_block(_norms(layout.views(p), math.inf).to(compute))
+            scales = layout.per_block(_norms(layout.views(p), math.inf))
         elif self.method == "sign":  # one scale per tensor: its mean |p|
-            scales = layout.per_block(_norms(layout.views(p), 1.0).to(compute) / layout.numel.clamp(min=1))
+            scales = layout.per_block(_norms(layout.views(p), 1.0) / layout.numel.clamp(min=1))
         dither = generator if self.rounding == "stochastic" and self.method != "sign" else None
         codes, scales = encode(p, self.method, self.levels, scales=scales, generator=dither)
         q = decode(codes, scales, self.levels)
@@ -422,7 +420,7 @@ class GradientQuantizer:
             q = q.to(tensors[0].dtype).to(compute)  # the residual and the error refer to what the optimizer sees
         torch._foreach_copy_(tensors, layout.views(torch.where(ok, q, x)))
         error = p.sub_(q)
-        errors = _norms(layout.views(error)).to(compute)
+        errors = _norms(layout.views(error))
         squares = torch.where(ok_tensor, torch.stack([errors, norms]).square(), 0.0).sum(1)
         quantized = (layout.numel * ok_tensor).sum()
         stats = torch.cat([squares, clamped.view(1), quantized.view(1)])
