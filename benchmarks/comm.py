@@ -151,35 +151,46 @@ def bytes_table(world: int, results: dict, numel: int) -> list[str]:
     return lines + [""]
 
 
+def step_bytes(case, numel: int, world: int) -> float:
+    """Bytes per step and rank of ``case`` for ``numel`` parameters in DDP's 25 MiB buckets (formula)."""
+    if case is None or case == "fp16":
+        return 2 * (world - 1) / world * numel * (4 if case is None else 2)
+    width = QuantizedCommState(**case).width
+    buckets = [BUCKET_ELEMENTS] * (numel // BUCKET_ELEMENTS) + [numel % BUCKET_ELEMENTS] * bool(numel % BUCKET_ELEMENTS)
+    return sum(wire_bytes(n, world, width) for n in buckets)
+
+
 def time_table(results: dict, numel: int) -> list[str]:
     base = statistics.median(results["fp32 DDP"])
     lines = [
-        f"2 processes, {numel / 1e6:.1f}M parameters; median step time over {len(results['fp32 DDP'])} steps:",
+        f"2 processes, {numel / 1e6:.1f}M parameters; median step time over {len(results['fp32 DDP'])} steps."
+        " Break-even link: the bandwidth per rank at which sending the bytes saved against fp32 DDP takes as long"
+        " as the extra time of the step here; on a slower link the compressed step is the faster one.",
         "",
-        "| case | step | against fp32 DDP |",
-        "| --- | ---: | ---: |",
+        "| case | step | against fp32 DDP | bytes per step and rank | break-even link |",
+        "| --- | ---: | ---: | ---: | ---: |",
     ]
+    fp32_bytes = step_bytes(None, numel, 2)
     for name, times in results.items():
-        median = statistics.median(times)
-        lines.append(f"| {name} | {median * 1e3:.0f} ms | {median / base:.2f}x |")
+        median, sent = statistics.median(times), step_bytes(CASES[name], numel, 2)
+        extra = median - base
+        even = f"{(fp32_bytes - sent) * 8 / extra / 1e9:.2f} Gbit/s" if extra > 0 and sent < fp32_bytes else "-"
+        lines.append(f"| {name} | {median * 1e3:.0f} ms | {median / base:.2f}x | {sent / 1e6:.1f} MB | {even} |")
     return lines + [""]
 
 
 def formula_table(numel: int) -> list[str]:
-    buckets = [BUCKET_ELEMENTS] * (numel // BUCKET_ELEMENTS) + [numel % BUCKET_ELEMENTS] * bool(numel % BUCKET_ELEMENTS)
-    widths = {"8-bit": 8, "4-bit": 4, "2-bit": 2, "sign": 1}
+    hooks = {name: case for name, case in CASES.items() if isinstance(case, dict)}
     lines = [
         f"{numel / 1e6:.1f}M parameters in buckets of 25 MiB; MB per step and rank (ratio against fp32):",
         "",
-        "| world size | fp32 ring | " + " | ".join(widths) + " |",
-        "| ---: | ---: |" + " ---: |" * len(widths),
+        "| world size | fp32 ring | " + " | ".join(hooks) + " |",
+        "| ---: | ---: |" + " ---: |" * len(hooks),
     ]
     for world in [2**k for k in range(1, 11)]:
-        fp32 = 2 * (world - 1) / world * 4 * numel
-        cells = []
-        for width in widths.values():
-            sent = sum(wire_bytes(n, world, width) for n in buckets)
-            cells.append(f"{sent / 1e6:.2f} ({fp32 / sent:.2f}x)")
+        fp32 = step_bytes(None, numel, world)
+        sent = [step_bytes(case, numel, world) for case in hooks.values()]
+        cells = [f"{b / 1e6:.2f} ({fp32 / b:.2f}x)" for b in sent]
         lines.append(f"| {world} | {fp32 / 1e6:.1f} | " + " | ".join(cells) + " |")
     return lines + [""]
 

@@ -259,7 +259,8 @@ def _worker(rank: int, port: int, out: str) -> None:
     steps.append(_step(ddp, state, batches[3]))
     after = _residuals(state)
     state.undo_step()
-    result["undo"] = [torch.equal(_residuals(state), _residuals(None, saved)), not torch.equal(after, _residuals(state))]
+    restored = _residuals(state)
+    result["undo"] = [torch.equal(restored, _residuals(None, saved)), not torch.equal(after, restored)]
     state.undo_step()
     result["undo"].append(torch.equal(_residuals(state), _residuals(None, saved)))
     ddp.module.load_state_dict(params)

@@ -157,7 +157,8 @@ class QuantizedCommState:
 
     Args:
         method: ``"stochastic"``, ``"qsgd"``, ``"terngrad"`` (per block: clip to 2.5 sigma, ternarize) or
-            ``"sign"`` (per block ``mean|p|`` times the sign bit); see :mod:`~lightning_gradguard.functional.quantization`.
+            ``"sign"`` (per block ``mean|p|`` times the sign bit); see
+            :mod:`~lightning_gradguard.functional.quantization`.
         bits: code width of ``"stochastic"``, 2 to 8 (default 8); for ``"qsgd"`` the default of ``levels``.
         levels: levels of ``"qsgd"``, 1 to 127.
         block_size: at most this many elements share a scale (a bucket's blocks are evened out per chunk).
@@ -382,7 +383,8 @@ def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket)
         >>> state = QuantizedCommState("stochastic", bits=8)
         >>> ddp_model.register_comm_hook(state, quantized_allreduce_hook)  # doctest: +SKIP
         >>> loss.backward()  # doctest: +SKIP
-        >>> state.stats.bytes_sent, state.stats.ratio, state.stats.rel_error, state.stats.nonfinite_ranks  # doctest: +SKIP
+        >>> stats = state.stats  # doctest: +SKIP
+        >>> stats.bytes_sent, stats.ratio, stats.rel_error, stats.nonfinite_ranks  # doctest: +SKIP
     """
     buffer, index = bucket.buffer(), bucket.index()
     group = state.process_group if state.process_group is not None else dist.group.WORLD
