@@ -50,6 +50,22 @@ CASES = {
     "hook sign": dict(method="sign"),
 }
 BUCKET_ELEMENTS = 25 * 2**20 // 4  # DDP's default bucket_cap_mb=25 of float32
+NOTES = [
+    "### Reading the tables",
+    "",
+    "- Counted: the hook's own count (`state.stats.bytes_sent`, equal to the bytes handed to the collectives in"
+    " `tests/test_communication.py`); for fp32 DDP and `fp16_compress_hook`, the ring all-reduce formula. The"
+    " kernel's counter adds TCP/IP headers and gloo's control messages, and the idle traffic subtracted is an"
+    " estimate: the smallest volumes (sign) scatter most.",
+    "- Per bucket and rank the hook sends, in each of its two hops, `W - 1` chunks of codes with one float32 scale"
+    " per block of at most 2048 elements (0.2% of the 8-bit codes), plus one byte for the non-finite flag in the"
+    " second hop. Chunks are padded to whole blocks of a multiple of 8 elements, which shows at large world sizes.",
+    "- Step time: here the hook's quantization runs on the same CPU cores as the forward and backward passes, one"
+    " thread per rank, while the loopback moves the float32 gradients fast; the extra arithmetic then costs more"
+    " than the bytes saved. The hook pays where the link, not the arithmetic, bounds the step (see the break-even"
+    " column).",
+    "",
+]
 
 
 def mlp(width: int, depth: int) -> nn.Module:
@@ -224,7 +240,7 @@ def main() -> None:
     numel = sum(p.numel() for p in mlp(time_config["width"], time_config["depth"]).parameters())
     lines += ["### Step time", ""] + time_table(run(2, "time", time_config), numel)
     print("\n".join(lines[-len(CASES) - 5 :]), flush=True)
-    lines += ["### Bytes per step and rank by world size (formula)", ""] + formula_table(numel)
+    lines += ["### Bytes per step and rank by world size (formula)", ""] + formula_table(numel) + NOTES
     print("\n".join(lines[-15:]))
     if not args.quick:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

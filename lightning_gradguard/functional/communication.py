@@ -220,8 +220,8 @@ class QuantizedCommState:
     @property
     def stats(self) -> CommStats:
         """The statistics of the last step reduced (read them after the backward pass, before the next one)."""
-        return CommStats(self._bytes, self._fp32_bytes, (self._error_sq / self._input_sq.clamp(min=1e-30)).sqrt(),
-                         self._nonfinite)
+        rel_error = (self._error_sq / self._input_sq.clamp(min=1e-30)).sqrt()
+        return CommStats(self._bytes, self._fp32_bytes, rel_error, self._nonfinite)
 
     def reset_residuals(self) -> None:
         """Zero this rank's residuals (and drop a loaded state not imported yet)."""

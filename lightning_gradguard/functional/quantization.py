@@ -71,13 +71,7 @@ _MASK64 = (1 << 64) - 1
 
 
 def derive_seed(*keys: int) -> int:
-    """A 63-bit seed mixed from integer keys with the SplitMix64 finaliser (host integer arithmetic only).
-
-    Example::
-
-        >>> derive_seed(0, 1) == derive_seed(0, 1), derive_seed(0, 1) == derive_seed(1, 0)
-        (True, False)
-    """
+    """A 63-bit seed mixed from integer keys, in order, with the SplitMix64 finaliser (host integers only)."""
     state = 0
     for key in keys:
         z = (state ^ (int(key) & _MASK64)) + 0x9E3779B97F4A7C15 & _MASK64
@@ -88,13 +82,7 @@ def derive_seed(*keys: int) -> int:
 
 
 def levels_for_bits(bits: int) -> int:
-    """Quantization levels on each side of zero for a signed ``bits``-bit code: ``2**(bits-1) - 1``.
-
-    Example::
-
-        >>> levels_for_bits(8), levels_for_bits(2)
-        (127, 1)
-    """
+    """Quantization levels on each side of zero for a signed ``bits``-bit code: ``2**(bits-1) - 1``."""
     return 2 ** (bits - 1) - 1
 
 
@@ -213,8 +201,8 @@ def decode(codes: Tensor, scales: Tensor, levels: int) -> Tensor:
 
 @dataclass
 class QuantizationStats:
-    """Device scalars describing one call: squared quantization error and squared input norm (over the tensors
-    that were quantized), elements clamped by the outlier bound, and elements quantized."""
+    """Device scalars of one call, over the tensors quantized: squared error, squared input norm, elements clamped
+    by the outlier bound, elements quantized."""
 
     error_sq: Tensor
     input_sq: Tensor
@@ -234,8 +222,8 @@ class QuantizationStats:
 
 
 class _Layout:
-    """Where the tensors of one group sit in its ``(blocks, block_size)`` view, and the index tensors built from
-    it once (a host-to-device copy per step would stall an accelerator)."""
+    """Where a group's tensors sit in its ``(blocks, block_size)`` view; index tensors built once (a host-to-device
+    copy per step would stall an accelerator)."""
 
     def __init__(self, shapes: list[torch.Size], block_size: int, device: torch.device, dtype: torch.dtype) -> None:
         self.shapes = shapes
@@ -266,19 +254,16 @@ class GradientQuantizer:
     r"""Quantize lists of gradients in place, with optional error feedback, for any training loop.
 
     Args:
-        method: ``"stochastic"`` (blockwise k-bit), ``"qsgd"``, ``"terngrad"`` or ``"sign"`` (see the module
-            docstring for the formulas).
+        method: ``"stochastic"``, ``"qsgd"``, ``"terngrad"`` or ``"sign"`` (formulas in the module docstring).
         bits: code width of ``"stochastic"``, 2 to 8 (default 8); for ``"qsgd"`` the default of ``levels``.
         levels: ``s``, the number of levels of ``"qsgd"`` (default: ``2**(bits-1) - 1``); only for ``"qsgd"``.
         block_size: elements per block (``"stochastic"``: one scale per block; ``"qsgd"``: the bucket of the norm).
-        rounding: ``"stochastic"`` (unbiased, the default) or ``"nearest"`` (deterministic, ties to even); not for
-            ``"sign"``.
+        rounding: ``"stochastic"`` (unbiased, the default) or ``"nearest"`` (ties to even); not for ``"sign"``.
         error_feedback: carry the residual ``p - Q(p)`` to the next call. Default: on for ``"sign"`` (where it
             cannot be turned off), off otherwise.
         clamp_sigma: clamp ``|g|`` per tensor to ``clamp_sigma`` times its root mean square before quantizing.
             Default: 2.5 for ``"terngrad"`` (its clipping step), none otherwise.
-        clamp_quantile: clamp ``|g|`` per tensor to this quantile of ``|g|`` in ``(0, 1]`` instead; exclusive with
-            ``clamp_sigma``.
+        clamp_quantile: clamp ``|g|`` per tensor to this quantile of ``|g|``, in ``(0, 1]``; not with ``clamp_sigma``.
         seed: base seed of the random draws; the draws of a call depend only on ``(seed, step, stream)``.
 
     Raises:
@@ -479,8 +464,8 @@ def _full_tensor(local: Tensor, spec: Optional[tuple]) -> Tensor:
 def _carried(
     name: str, old: dict[str, Tensor], pending: dict[str, Tensor], spec: Optional[tuple], local: Tensor
 ) -> Optional[Tensor]:
-    """The residual of ``name`` for this call: the last call's, or a full tensor loaded from a checkpoint sliced to
-    this rank's shard (a collective under FSDP2, taken by every rank in the same order); ``None`` if there is none."""
+    """The residual of ``name``: the last call's, or a loaded full tensor sliced to this rank's shard (under FSDP2 a
+    collective, taken by every rank in the same order); ``None`` if there is none."""
     value = old.get(name)
     if value is None and name in pending:
         value = pending[name].to(local.device)
