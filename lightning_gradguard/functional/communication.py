@@ -354,7 +354,7 @@ class QuantizedCommState:
         scales = block_scales(blocks, self.method)
         finite = torch.isfinite(scales)
         # NaN codes would not fit in the bytes: the blocks that are not finite are coded as zeros with a NaN scale
-        safe = torch.where(finite.unsqueeze(1), blocks, 0.0)
+        safe = torch.where(finite.unsqueeze(1), blocks, blocks.new_zeros(()))  # a 0-d tensor: a Python 0.0 is slower
         codes, _ = encode(safe, self.method, self.levels, scales=torch.where(finite, scales, 0.0), generator=generator)
         scales = torch.where(finite, scales, math.nan)
         decoded = decode(codes, scales, self.levels).view(-1)

@@ -181,8 +181,8 @@ def encode(
     """
     if scales is None:
         scales = block_scales(blocks, method)
-    if method == "sign":
-        return torch.where(blocks < 0, -1.0, 1.0).to(blocks.dtype), scales
+    if method == "sign":  # a zero counts as positive: one bit per element
+        return torch.sign(blocks).add_(blocks == 0), scales
     column = scales.unsqueeze(1)
     # a zero row quantizes to zero with any scale: 1 avoids 0 / 0
     y = blocks * (levels / torch.where(column > 0, column, 1.0))
@@ -381,7 +381,7 @@ class GradientQuantizer:
             pairs = [(view, r) for view, r in zip(layout.views(residual), carried) if r is not None]
             if pairs:
                 torch._foreach_copy_(*map(list, zip(*pairs)))
-        p = x + residual if residual is not None else x.clone()
+        p = x + residual if residual is not None else x  # x itself is not needed after the copy out
         norms = _norms(layout.views(p))
         ok_tensor = torch.isfinite(norms)
         ok = layout.per_block(ok_tensor).unsqueeze(1)
