@@ -175,6 +175,7 @@ def _step(ddp, state, batch, sent=None, update=True) -> dict:
     reference = _sum(local) / WORLD
     stats = state.stats
     record = {
+        "average": average,
         "finite": bool(torch.isfinite(average).all()),
         "nonfinite_grads": [not bool(torch.isfinite(p.grad).all()) for p in params],
         "nonfinite_ranks": stats.nonfinite_ranks.tolist(),
@@ -266,7 +267,7 @@ def _worker(rank: int, port: int, out: str) -> None:
     ddp.module.load_state_dict(params)
     state.load_state_dict(saved)
     again = _step(ddp, state, batches[3])
-    result["reload"] = [torch.equal(again["residual_after"], after), steps[-1]["identity"] == again["identity"]]
+    result["reload"] = [torch.equal(again[k], steps[-1][k]) for k in ("residual_after", "average")]
     fresh_ddp, fresh = _wrap(copy.deepcopy(ddp.module), CONFIGS["stochastic8"])
     fresh.load_state_dict(state.state_dict())
     result["resume"] = [_step(fresh_ddp, fresh, b) for b in batches[4:7]]
@@ -356,7 +357,7 @@ def test_undo_restores_the_residuals_of_the_step_before(ranks):
 @pytest.mark.distributed
 def test_state_round_trip_live_and_in_a_fresh_ddp(ranks):
     for r in ranks:
-        assert r["reload"] == [True, True]  # same step again: the same residual, bitwise
+        assert r["reload"] == [True, True]  # the same step again: the same average and residual, bitwise
         # a fresh DDP (first-iteration buckets, then rebuilt) continues from the loaded residuals: the identity
         # with the loaded residual as the starting point holds at every step
         assert all(s["finite"] and s["identity"] < 1e-5 and s["same_params"] for s in r["resume"])
