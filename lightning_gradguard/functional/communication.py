@@ -311,10 +311,10 @@ class QuantizedCommState:
         """Copy the loaded residuals of the parameters of DDP's first-layout buckets ``indices`` into place, after
         checking the world size and those buckets against the saved ones."""
         world = dist.get_world_size(self.process_group)
-        if self._pending.get("world_size", world) != world or any(
-            self._saved_layout().get(i) != self._layout[i] for i in indices
-        ):
-            return self._mismatch()
+        saved = self._saved_layout()
+        if self._pending.get("world_size", world) != world or any(saved.get(i) != self._layout[i] for i in indices):
+            self._mismatch()
+            return
         residuals = self._pending.get("residuals", {})
         for key, bucket, offset, p in self._residual_slots():
             if key in residuals and int(key.split(".")[0]) in indices:
