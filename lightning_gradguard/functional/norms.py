@@ -232,9 +232,12 @@ class StepGradients:
         with_units: also compute the row norms (``units``) in the same read of the gradients (AGC).
 
     Attributes:
-        params, names, grads: the parameters that have a gradient, their names and gradients (``DTensor`` under
-            FSDP2); ``local_grads`` their local shards (views: in-place operations write through).
-        per_tensor, total: full-tensor L2 norms and the global norm before anything changed the gradients (float32).
+        params: the parameters that have a gradient.
+        names: their names.
+        grads: their gradients (``DTensor`` under FSDP2).
+        local_grads: the local shards of ``grads`` (views: in-place operations write through).
+        per_tensor: full-tensor L2 norms before anything changed the gradients (float32).
+        total: the global L2 norm before anything changed the gradients (float32).
         units: :attr:`UnitNorms.units` when asked for, else ``None``.
         finite: device bool, whether ``total`` is finite.
         local_finite: device bool, whether this rank's own gradients (its shards under FSDP2) were finite before
