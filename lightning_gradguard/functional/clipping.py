@@ -377,9 +377,9 @@ class _AgcRule(_Rule):
         names = step.names
         if tuple(names) != self._clipped[0]:
             patterns = self.patterns
-            if patterns is None:
+            if patterns is None:  # names without a module (``param_<i>``, a bare layer): nothing to tell apart
                 last = names[-1].rpartition(".")[0] if names else ""
-                patterns = [re.compile(rf"^{re.escape(last)}\.[^.]+$" if last else r"^[^.]+$")]
+                patterns = [re.compile(rf"^{re.escape(last)}\.[^.]+$")] if last else []
             kept = [i for i, name in enumerate(names) if not any(p.search(name) for p in patterns)]
             for i in kept:
                 _check_row_sharding(names[i], step.params[i])
@@ -543,7 +543,8 @@ class GradientClipper:
         agc_eps: ``"agc"``: floor on the weight norm, so zero-initialised weights still learn; default 1e-3.
         agc_exclude: ``"agc"``: regular expressions (``re.search``) of parameter names left unclipped. Default: the
             parameters of the module of the last name passed to :meth:`clip_`, the output layer when names come in
-            registration order (the callback passes the output layer of the LightningModule explicitly).
+            registration order (nothing without names; the callback passes the output layer of the LightningModule
+            explicitly).
         adagc_beta: ``"adagc"``: EMA weight of the past for the per-tensor norm, in ``[0, 1)``; default 0.98.
         adagc_factor: ``"adagc"``: the relative threshold (a tensor's norm may grow by this factor); default 1.05.
         warmup_steps: ``"quantile"``, ``"zscore"``, ``"adagc"``: length of the safe start in finite steps; default
