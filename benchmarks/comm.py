@@ -51,7 +51,7 @@ CASES = {
 }
 BUCKET_ELEMENTS = 25 * 2**20 // 4  # DDP's default bucket_cap_mb=25 of float32
 NOTES = [
-    "### Reading the tables",
+    "## Reading the tables",
     "",
     "- Counted: the hook's own count (`state.stats.bytes_sent`, equal to the bytes handed to the collectives in"
     " `tests/test_communication.py`); for fp32 DDP and `fp16_compress_hook`, the ring all-reduce formula. The"
@@ -222,7 +222,10 @@ def main() -> None:
         bytes_config.update(width=1024, depth=4, steps=5, idle=1.0)
         time_config.update(width=2880, depth=3, batch=32, steps=4, repeats=2)
     lines = [
-        "## Compressed communication: bytes and step time",
+        "# Communication",
+        "",
+        "Bytes on the wire and step time of the quantized all-reduce DDP hook"
+        " (`lightning_gradguard.functional.communication`), measured by `python benchmarks/comm.py`.",
         "",
         f"Date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}. Command: `python benchmarks/comm.py"
         f"{' --quick' if args.quick else ''}`. Hardware: {os.cpu_count()}-core CPU ({platform.processor() or 'x86'}),"
@@ -230,7 +233,7 @@ def main() -> None:
         f" torch {torch.__version__}, Python {platform.python_version()}. The machine is shared with other jobs"
         f" (load average {os.getloadavg()[0]:.1f} at the start): timings are noisy, bytes are not.",
         "",
-        "### Bytes on the wire",
+        "## Bytes on the wire",
         "",
     ]
     for world in (2, 4):
@@ -238,9 +241,9 @@ def main() -> None:
         lines += bytes_table(world, run(world, "bytes", bytes_config), numel)
         print("\n".join(lines[-len(CASES) - 5 :]), flush=True)
     numel = sum(p.numel() for p in mlp(time_config["width"], time_config["depth"]).parameters())
-    lines += ["### Step time", ""] + time_table(run(2, "time", time_config), numel)
+    lines += ["## Step time", ""] + time_table(run(2, "time", time_config), numel)
     print("\n".join(lines[-len(CASES) - 5 :]), flush=True)
-    lines += ["### Bytes per step and rank by world size (formula)", ""] + formula_table(numel) + NOTES
+    lines += ["## Bytes per step and rank by world size (formula)", ""] + formula_table(numel) + NOTES
     print("\n".join(lines[-15:]))
     if not args.quick:
         Path(args.output).parent.mkdir(parents=True, exist_ok=True)

@@ -57,7 +57,8 @@ class ExplosionEvent:
             non-finite, or the rank with the largest loss for loss-driven events), else the rank that wrote it.
         optimizer: index of the optimizer whose step it was.
         global_step: ``trainer.global_step``.
-        run_id, attempt: see the module docstring.
+        run_id: see the module docstring.
+        attempt: see the module docstring.
 
     Example::
 
@@ -189,7 +190,8 @@ def summary_table(tally: Counter, skipped: int = 0, rewinds: int = 0) -> str:
 
     Args:
         tally: counts keyed by ``(kind, action)``.
-        skipped, rewinds: optimizer steps skipped and rewinds made by the guard.
+        skipped: optimizer steps skipped by the guard.
+        rewinds: rewinds made by the guard.
 
     Example::
 

@@ -62,11 +62,13 @@ class GradientClipping(GradGuardCallback):
     The TensorBoard custom-scalars layout gets a "gradient norm" chart (norm, clipped norm and threshold together)
     and a "clip coefficient" chart.
 
+    The arguments ``max_norm``, ``clip_value``, ``quantile``, ``history_length``, ``alpha``, ``z_thresh``,
+    ``zscore_mode``, ``agc_factor``, ``agc_eps``, ``agc_exclude``, ``adagc_beta``, ``adagc_factor``,
+    ``warmup_steps``, ``warmup_factor``, ``warmup_threshold`` and ``eps`` are as in
+    :class:`~lightning_gradguard.functional.clipping.GradientClipper` (``None``: the method's default).
+
     Args:
         method: the rule (see above).
-        max_norm, clip_value, quantile, history_length, alpha, z_thresh, zscore_mode, agc_factor, agc_eps,
-            agc_exclude, adagc_beta, adagc_factor, warmup_steps, warmup_factor, warmup_threshold, eps: as in
-            :class:`~lightning_gradguard.functional.clipping.GradientClipper` (``None``: the method's default).
         flush_interval: optimizer steps between writes to the loggers; default: ``log_every_n_steps``.
         callback_metrics: also put the flushed values into ``trainer.callback_metrics``.
 

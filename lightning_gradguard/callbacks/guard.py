@@ -128,9 +128,11 @@ class ExplosionGuard(GradGuardCallback):
         top_k: number of layers named in each event.
         max_consecutive_skips: raise after this many skipped steps in a row (``None``: never).
         schedule_on_skip: ``"advance"`` (default) or ``"hold"`` the step-interval LR schedulers on a skipped step.
-        snapshot_interval, rewind_patience, max_rewinds, lr_factor, snapshot_device: ``"rewind"`` only (an error
-            otherwise): steps between snapshots (100), flagged steps in a row that trigger a rewind (3), rewinds
-            allowed (3), learning-rate factor per rewind in (0, 1] (1.0), where snapshots live (``"cpu"``).
+        snapshot_interval: ``"rewind"`` only (an error otherwise, as the four below): steps between snapshots (100).
+        rewind_patience: ``"rewind"`` only: flagged steps in a row that trigger a rewind (3).
+        max_rewinds: ``"rewind"`` only: rewinds allowed (3).
+        lr_factor: ``"rewind"`` only: learning-rate factor per rewind, in (0, 1] (1.0).
+        snapshot_device: ``"rewind"`` only: where snapshots live (``"cpu"``).
         flush_interval: optimizer steps between writes (one host read each); default: ``log_every_n_steps``.
         callback_metrics: also put the flushed values into ``trainer.callback_metrics``.
 

@@ -362,6 +362,14 @@ class _ValueRule(_Rule):
         return grad_norms(step.grads)[1], torch.full((), self.clip_value, device=step.device)
 
 
+class _AgcLayout(NamedTuple):
+    """How one model's units line up (made once per list of names and local shapes)."""
+
+    counts: list[int]  # units per tensor
+    excluded: Optional[Tensor]  # per unit, whether its tensor is left alone (``None``: none is)
+    sharded: bool  # whether a tensor with rows is a DTensor (its rows' sums are local to each rank)
+
+
 class _AgcRule(_Rule):
     per_unit = True
 
@@ -369,49 +377,47 @@ class _AgcRule(_Rule):
         self.clip_factor = clip_factor
         self.eps = eps
         self.patterns = None if exclude is None else [re.compile(p) for p in exclude]
-        self._clipped: tuple[tuple[str, ...], list[int]] = ((), [])
+        self._layout: tuple[tuple, Optional[_AgcLayout]] = ((), None)
 
-    def _clipped_tensors(self, step: StepGradients) -> list[int]:
-        """Indices of the tensors AGC clips (cached per list of names). Without patterns, the tensors of the module
-        of the last name, the output layer when the names come in registration order, are left out."""
-        names = step.names
-        if tuple(names) != self._clipped[0]:
-            patterns = self.patterns
-            if patterns is None:
+    def _layout_of(self, step: StepGradients) -> _AgcLayout:
+        """Without patterns, the tensors of the module of the last name, the output layer when the names come in
+        registration order, are left alone."""
+        key = (tuple(step.names), tuple(g.shape for g in step.local_grads), step.device)
+        if key != self._layout[0]:
+            names, patterns = step.names, self.patterns
+            if patterns is None:  # names without a module (``param_<i>``, a bare layer): nothing to tell apart
                 last = names[-1].rpartition(".")[0] if names else ""
-                patterns = [re.compile(rf"^{re.escape(last)}\.[^.]+$" if last else r"^[^.]+$")]
-            kept = [i for i, name in enumerate(names) if not any(p.search(name) for p in patterns)]
-            for i in kept:
-                _check_row_sharding(names[i], step.params[i])
-            self._clipped = (tuple(names), kept)
-        return self._clipped[1]
+                patterns = [re.compile(rf"^{re.escape(last)}\.[^.]+$")] if last else []
+            counts = [g.shape[0] if g.ndim > 1 else 1 for g in step.local_grads]
+            left = [any(p.search(name) for p in patterns) for name in names]
+            for name, param, alone in zip(names, step.params, left):
+                if not alone:
+                    _check_row_sharding(name, param)
+            excluded = to_device(torch.tensor([a for a, n in zip(left, counts) for _ in range(n)]), step.device)
+            sharded = any(hasattr(p, "placements") and p.ndim > 1 for p in step.params)
+            self._layout = (key, _AgcLayout(counts, excluded if any(left) else None, sharded))
+        return self._layout[1]  # type: ignore[return-value]
 
     def clip_(self, step: StepGradients) -> tuple[Tensor, Tensor]:
-        kept = self._clipped_tensors(step)
-        if not kept:
-            return step.total, torch.full_like(step.total, math.inf)
-        params = [step.params[i] for i in kept]
+        layout = self._layout_of(step)
         units = step.units if step.units is not None else unit_norms(step.grads).units
-        grad_units = units.split([g.shape[0] if g.ndim > 1 else 1 for g in step.local_grads])
         with torch.no_grad():
-            weight_units = unit_norms(params, device=step.device).units
-        limits = weight_units.clamp(min=self.eps) * self.clip_factor
-        coef = (limits / torch.cat([grad_units[i] for i in kept]).clamp(min=1e-6)).clamp(max=1.0)
-        coef = torch.where(step.finite, coef, 1.0)
-        counts = [grad_units[i].numel() for i in kept]
-        grads = [step.local_grads[i] for i in kept]
-        scale_(grads, [c.view(-1, *([1] * (g.ndim - 1))) for c, g in zip(coef.split(counts), grads)])
-        # exact norms from the units, each scaled as a whole: no second pass over the gradients. Rows are local to
-        # a shard under FSDP2, so each tensor's sums are reduced over its shards (whole units are full already).
-        clipped_units = coef * torch.cat([grad_units[i] for i in kept])
-        local = torch.stack(torch._foreach_norm([*clipped_units.split(counts), *limits.split(counts)], 2.0))
-        rows_only = [p if p.ndim > 1 else None for p in params]
-        clipped, limit_norms = full_tensor_norms(rows_only + rows_only, local).split(len(kept))
-        # the tensors left alone count at their own norm in both: the clipped norm never exceeds the threshold
-        per_tensor, limits_of = list(step.per_tensor.unbind()), list(step.per_tensor.unbind())
-        for i, value, limit in zip(kept, clipped.unbind(), limit_norms.unbind()):
-            per_tensor[i], limits_of[i] = value, limit
-        return torch.linalg.vector_norm(torch.stack(per_tensor)), torch.linalg.vector_norm(torch.stack(limits_of))
+            limits = unit_norms(step.params, device=step.device).units.clamp(min=self.eps) * self.clip_factor
+        keep = step.finite if layout.excluded is None else step.finite & ~layout.excluded
+        coef = torch.where(keep, (limits / units.clamp(min=1e-6)).clamp(max=1.0), 1.0)
+        views = [c.view(-1, *([1] * (g.ndim - 1))) for c, g in zip(coef.split(layout.counts), step.local_grads)]
+        scale_(step.local_grads, views)
+        # exact norms from the units, each scaled as a whole: no second pass over the gradients; the units left
+        # alone count at their own norm in the threshold too, so the clipped norm never exceeds it
+        clipped = coef * units
+        limits = limits if layout.excluded is None else torch.where(layout.excluded, units, limits)
+        if not layout.sharded:
+            return torch.linalg.vector_norm(clipped), torch.linalg.vector_norm(limits)
+        # rows are local to a shard under FSDP2: each tensor's sums are reduced over its shards
+        local = torch.stack(torch._foreach_norm([*clipped.split(layout.counts), *limits.split(layout.counts)], 2.0))
+        rows_only = [p if p.ndim > 1 else None for p in step.params]
+        full = full_tensor_norms(rows_only + rows_only, local).view(2, -1)
+        return torch.linalg.vector_norm(full, dim=1).unbind()  # type: ignore[return-value]
 
 
 def _check_row_sharding(name: str, param: Tensor) -> None:
@@ -543,7 +549,8 @@ class GradientClipper:
         agc_eps: ``"agc"``: floor on the weight norm, so zero-initialised weights still learn; default 1e-3.
         agc_exclude: ``"agc"``: regular expressions (``re.search``) of parameter names left unclipped. Default: the
             parameters of the module of the last name passed to :meth:`clip_`, the output layer when names come in
-            registration order (the callback passes the output layer of the LightningModule explicitly).
+            registration order (nothing without names; the callback passes the output layer of the LightningModule
+            explicitly).
         adagc_beta: ``"adagc"``: EMA weight of the past for the per-tensor norm, in ``[0, 1)``; default 0.98.
         adagc_factor: ``"adagc"``: the relative threshold (a tensor's norm may grow by this factor); default 1.05.
         warmup_steps: ``"quantile"``, ``"zscore"``, ``"adagc"``: length of the safe start in finite steps; default

@@ -63,14 +63,18 @@ def local_shards(tensors: Sequence[Tensor]) -> list[Tensor]:
 
 def _local_norms(tensors: Sequence[Tensor], p: float, device: torch.device) -> Tensor:
     """Float32 vector of the p-norms of plain tensors, in input order: one foreach call per (device, dtype)."""
-    norms: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
     grouped = _group_tensors_by_device_and_dtype([list(tensors)], with_indices=True)
+    parts = {}
     for (_, dtype), ([group], indices) in grouped.items():  # type: ignore[misc]
         norm_dtype = None if dtype == torch.float64 else torch.float32
-        values = torch.stack(torch._foreach_norm(group, p, dtype=norm_dtype)).to(device).float()
+        parts[tuple(indices)] = torch.stack(torch._foreach_norm(group, p, dtype=norm_dtype)).to(device).float()
+    if len(parts) == 1:  # one device and dtype: already in input order
+        return next(iter(parts.values()))
+    # gathered in input order by one stack: an index tensor made each step would be a host-to-device copy
+    norms: list[Tensor] = [None] * len(tensors)  # type: ignore[list-item]
+    for indices, values in parts.items():
         for i, value in zip(indices, values.unbind()):
             norms[i] = value
-    # gathered in input order by one stack: an index tensor made each step would be a host-to-device copy
     return torch.stack(norms)
 
 
@@ -216,8 +220,10 @@ def _unit_norms(items: list[Tensor], device: Optional[torch.device]) -> tuple[Un
     pieces = _local_units(local, device or local[0].device)
     local_norms = torch.stack(torch._foreach_norm(pieces, 2.0))
     per_tensor = full_tensor_norms(items, local_norms)
-    # a whole-tensor unit is its tensor: its full norm; rows are whole in their shard already
-    units = torch.cat([p if t.ndim > 1 else n.reshape(1) for p, t, n in zip(pieces, local, per_tensor.unbind())])
+    if per_tensor is local_norms:  # nothing sharded: every piece is complete
+        units = torch.cat(pieces)
+    else:  # a whole-tensor unit is its tensor: its full norm; rows are whole in their shard already
+        units = torch.cat([p if t.ndim > 1 else n.reshape(1) for p, t, n in zip(pieces, local, per_tensor.unbind())])
     counts = [piece.numel() for piece in pieces]
     return UnitNorms(units, per_tensor, torch.linalg.vector_norm(per_tensor), counts), torch.isfinite(local_norms.sum())
 
@@ -232,9 +238,12 @@ class StepGradients:
         with_units: also compute the row norms (``units``) in the same read of the gradients (AGC).
 
     Attributes:
-        params, names, grads: the parameters that have a gradient, their names and gradients (``DTensor`` under
-            FSDP2); ``local_grads`` their local shards (views: in-place operations write through).
-        per_tensor, total: full-tensor L2 norms and the global norm before anything changed the gradients (float32).
+        params: the parameters that have a gradient.
+        names: their names.
+        grads: their gradients (``DTensor`` under FSDP2).
+        local_grads: the local shards of ``grads`` (views: in-place operations write through).
+        per_tensor: full-tensor L2 norms before anything changed the gradients (float32).
+        total: the global L2 norm before anything changed the gradients (float32).
         units: :attr:`UnitNorms.units` when asked for, else ``None``.
         finite: device bool, whether ``total`` is finite.
         local_finite: device bool, whether this rank's own gradients (its shards under FSDP2) were finite before
