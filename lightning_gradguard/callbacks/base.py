@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Optional
+from typing import Any, ClassVar, Optional, Union
 
 import lightning.pytorch as pl
 import torch
@@ -73,9 +73,10 @@ class GradStep(StepGradients):
         optimizer, optimizer_idx: the torch optimizer and its index in ``trainer.optimizers``.
         optimizer_step: how many steps this optimizer took before this one in this fit (for logging intervals).
         clip_coef, clip_threshold, clipped_norm: set by the clipping stage (device tensors) or ``None``.
-        skipped: set when the guard decided on the host that this step changes nothing (gradients dropped).
-        skip_flag: a device bool set by the guard when it skips on the device instead (fused optimizers); stages
-            must then not fold this step into their statistics.
+        skipped: set when the guard decided on the host that this step changes nothing (gradients dropped);
+            ``rewound`` when it also restored a snapshot. The callbacks then get :meth:`GradGuardCallback.on_skip`.
+        nonfinite_ranks: with compressed DDP communication, a device bool per rank: its own gradients were not
+            finite before the reduction (``None`` otherwise).
     """
 
     def __init__(self, pipeline: Pipeline, params: list[Tensor], names: list[str], **fields: Any) -> None:
@@ -90,19 +91,15 @@ class GradStep(StepGradients):
         self.clip_threshold: Optional[Tensor] = None
         self.clipped_norm: Optional[Tensor] = None
         self.skipped = False
-        self.skip_flag: Optional[Tensor] = None
-
-    @property
-    def counts(self) -> Tensor:
-        """Device bool: whether this step's values may enter running statistics (finite and not skipped)."""
-        return self.finite if self.skip_flag is None else self.finite & ~self.skip_flag
+        self.rewound = False
+        self.nonfinite_ranks: Optional[Tensor] = fields.get("nonfinite_ranks")
 
     def tag(self, name: str) -> str:
         """``gradguard/<name>``, or ``gradguard/opt<i>/<name>`` when the trainer has several optimizers."""
         return f"{TAG_PREFIX}/opt{self.optimizer_idx}/{name}" if self.pipeline.multi_optimizer else f"{TAG_PREFIX}/{name}"
 
     # logging: appends device tensors, never reads them; a no-op where nothing is recorded (rank > 0, no logger)
-    def log(self, name: str, value: Tensor) -> None:
+    def log(self, name: str, value: Union[Tensor, float]) -> None:
         if self.pipeline.records:
             self.pipeline.buffer.add_scalar(self.step, self.tag(name), value)
 
@@ -145,6 +142,7 @@ class Pipeline:
         self.multi_optimizer = False
         self.tensorboard: Optional[Any] = None
         self.events = EventLog()
+        self.communication: Optional[Any] = None  # a QuantizedCommState when DDP's communication is compressed
         self._resumed_run: Optional[dict[str, Any]] = None
         self._params: dict[int, tuple[list[Tensor], list[str]]] = {}
         self._optimizer_steps: Counter = Counter()
@@ -200,12 +198,16 @@ class Pipeline:
             optimizer=optimizer,
             optimizer_idx=index,
             optimizer_step=self._optimizer_steps[index],
+            nonfinite_ranks=None if self.communication is None else self.communication.stats.nonfinite_ranks,
         )
         self._optimizer_steps[index] += 1
         for cb in self.callbacks:
             if step.skipped:
                 break
             cb.process_step(trainer, pl_module, step)
+        if step.skipped:
+            for cb in self.callbacks:
+                cb.on_skip(trainer, step)
         self._since_flush += 1
 
     def _params_of(self, optimizer: torch.optim.Optimizer, pl_module: pl.LightningModule) -> tuple[list, list]:
@@ -278,6 +280,9 @@ class GradGuardCallback(Callback):
     def on_flush(self, trainer: pl.Trainer, result: FlushResult) -> Optional[list[ExplosionEvent]]:
         """Called at every flush with the host values just read; may add metrics and return events to write."""
         return None
+
+    def on_skip(self, trainer: pl.Trainer, step: GradStep) -> None:
+        """Called after a step the guard skipped (``step.skipped``; ``step.rewound`` after a rewind)."""
 
     def check_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         """Trainer-dependent argument checks, called from ``setup``."""

@@ -283,6 +283,7 @@ class ExplosionGuard(GradGuardCallback):
             and {self.on_nonfinite, self.on_spike} <= {"log", "skip"}
             and self.schedule_on_skip == "advance"
             and grad_scaler(trainer) is None
+            and self.pipeline.communication is None  # its error feedback is undone on the host for a skipped step
             and all(takes_found_inf(o) for o in optimizers)
         )
         for optimizer in optimizers:  # the rewinds' learning-rate factor, applied inside every optimizer step
@@ -363,6 +364,9 @@ class ExplosionGuard(GradGuardCallback):
         flags = torch.cat([nonfinite.reshape(1), spikes, overflow.reshape(1), collapse.reshape(1), false.reshape(1)])
         # a rank's own fault names it: its loss went non-finite (known from the per-rank losses), else its gradients
         flags, origin = self._across_ranks(trainer, flags.float(), origin, ~step.local_finite & ~loss_fault & ~overflow)
+        if step.nonfinite_ranks is not None:  # compressed communication saw each rank's gradients before the reduction
+            first = torch.argmax(step.nonfinite_ranks.float()).float()
+            origin = torch.where(step.nonfinite_ranks.any() & ~loss_fault, first, origin)
         self._counts = to_device(self._counts, device) + flags
         top_idx, top_norms = top_layers(step.per_tensor, self.top_k)
         scalars = [norm, loss, norm_check.baseline, norm_check.zscore, loss_check.baseline, loss_check.zscore, origin]
@@ -446,7 +450,7 @@ class ExplosionGuard(GradGuardCallback):
         action = "skipped"
         if self.consecutive_flagged >= self.rewind_patience:
             self._rewind(trainer, pl_module, step, values)
-            action = "rewound"
+            step.rewound, action = True, "rewound"
         elif self.schedule_on_skip == "hold":
             self._pending_schedule = Schedule(*self._optimizers_and_schedulers(trainer))
         limit = self.max_consecutive_skips

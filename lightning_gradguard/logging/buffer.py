@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -25,7 +25,7 @@ Sink = Callable[[int, list], None]
 @dataclass
 class _Entry:
     step: int
-    value: Tensor
+    value: Union[Tensor, float]  # a device tensor, or a number known on the host already
     tag: Optional[str] = None  # a scalar, or a vector expanded to ``tags``
     tags: Optional[list[str]] = None
     sink: Optional[Sink] = None  # receives (step, host values) at flush
@@ -59,8 +59,9 @@ class DeferredBuffer:
     def __len__(self) -> int:
         return len(self._entries)
 
-    def add_scalar(self, step: int, tag: str, value: Tensor) -> None:
-        self._entries.append(_Entry(step, value.detach(), tag=tag))
+    def add_scalar(self, step: int, tag: str, value: Union[Tensor, float]) -> None:
+        """A device scalar, or a Python number (written as it is)."""
+        self._entries.append(_Entry(step, value.detach() if isinstance(value, Tensor) else float(value), tag=tag))
 
     def add_vector(self, step: int, tags: list[str], values: Tensor) -> None:
         """One scalar per tag, taken from a 1-D tensor (e.g. per-layer norms)."""
@@ -79,12 +80,17 @@ class DeferredBuffer:
         metrics: dict[int, dict[str, float]] = {}
         if not entries:
             return FlushResult(metrics)
-        device = entries[0].value.device
-        flat = torch.cat([e.value.reshape(-1).to(device=device, dtype=torch.float32) for e in entries])
-        # the one deliberate host read of a flush
-        host = host_read(flat)
+        tensors = [e.value for e in entries if isinstance(e.value, Tensor)]
+        host: list = []
+        if tensors:
+            device = tensors[0].device
+            # the one deliberate host read of a flush
+            host = host_read(torch.cat([t.reshape(-1).to(device=device, dtype=torch.float32) for t in tensors]))
         offset = 0
         for e in entries:
+            if not isinstance(e.value, Tensor):
+                metrics.setdefault(e.step, {})[e.tag] = e.value  # type: ignore[index]
+                continue
             n = e.value.numel()
             values = host[offset : offset + n]
             offset += n
