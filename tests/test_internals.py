@@ -7,7 +7,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.precision import MixedPrecision
 from torch import nn
 
-from lightning_gradguard.callbacks._lightning import found_inf, grad_scaler, logging_step, loss_scale, takes_found_inf
+from lightning_gradguard.callbacks._lightning import (
+    ddp_comm_hook,
+    found_inf,
+    grad_scaler,
+    logging_step,
+    loss_scale,
+    takes_found_inf,
+)
 from tests.helpers.models import TinyMLP, tiny_trainer
 
 
@@ -53,3 +60,11 @@ def test_fused_optimizers_take_the_found_inf_flag(cls):
     params = [nn.Parameter(torch.ones(3))]
     assert takes_found_inf(cls(params, lr=0.1, fused=True))
     assert not takes_found_inf(cls(params, lr=0.1))
+
+
+def test_ddp_comm_hook_is_where_it_is_read():
+    from lightning.pytorch.strategies import DDPStrategy
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
+
+    assert ddp_comm_hook(DDPStrategy(ddp_comm_hook=fp16_compress_hook)) is fp16_compress_hook
+    assert ddp_comm_hook(DDPStrategy()) is None

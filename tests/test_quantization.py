@@ -2,6 +2,7 @@
 and training outcomes."""
 
 import copy
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -146,3 +147,66 @@ def test_runs_after_clipping(tmp_path, one_thread):
     tiny_trainer(tmp_path, max_steps=3, callbacks=[quantization, clipping]).fit(TinyMLP())
     for record in quantization.records:
         assert torch.linalg.vector_norm(torch.stack([g.norm() for g in record["before"]])) <= 1e-3 * (1 + 1e-5)
+
+
+# compress_communication=True: what needs no second process (the 2-process runs: test_quantization_distributed.py)
+
+
+def _setup(callback, strategy):
+    trainer = SimpleNamespace(strategy=strategy, callbacks=[callback], loggers=[SimpleNamespace()],
+                              log_every_n_steps=50, gradient_clip_val=None)
+    callback.setup(trainer, None, "fit")
+
+
+def test_compression_on_a_single_device_is_an_error_at_setup(tmp_path):
+    trainer = tiny_trainer(tmp_path, max_steps=1, callbacks=[GradientQuantization(compress_communication=True)])
+    with pytest.raises(ValueError, match=r"Expected DDPStrategy .* `compress_communication=True`.* the strategy is"
+                                         r" SingleDeviceStrategy"):
+        trainer.fit(TinyMLP())
+
+
+def test_compression_under_fsdp2_is_an_error_at_setup():
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    with pytest.raises(ValueError, match="Expected DDPStrategy .* the strategy is ModelParallelStrategy. FSDP2"):
+        _setup(GradientQuantization(compress_communication=True), ModelParallelStrategy())
+
+
+def test_compression_with_a_hook_of_ddpstrategy_is_an_error_at_setup():
+    from lightning.pytorch.strategies import DDPStrategy
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import fp16_compress_hook
+
+    _setup(GradientQuantization(compress_communication=True), DDPStrategy())  # no hook of its own: accepted
+    with pytest.raises(ValueError, match=r"DDPStrategy\(ddp_comm_hook=fp16_compress_hook\)` gives another"):
+        _setup(GradientQuantization(compress_communication=True), DDPStrategy(ddp_comm_hook=fp16_compress_hook))
+
+
+@pytest.mark.parametrize(
+    "kwargs, error, match",
+    [
+        (dict(rounding="nearest"), ValueError, "`rounding` does not apply with compress_communication=True.*nearest"),
+        (dict(rounding="stochastic"), ValueError, "`rounding` does not apply with compress_communication=True"),
+        (dict(clamp_sigma=3.0), ValueError, "`clamp_sigma` does not apply with compress_communication=True.*3.0"),
+        (dict(clamp_quantile=0.9), ValueError, "`clamp_quantile` does not apply with compress_communication=True"),
+        (dict(method="sign", bits=4), ValueError, "`bits` does not apply to method='sign'"),
+        (dict(method="qsgd", levels=300), ValueError, r"Expected `levels` to be an integer in \[1, 127\] but got 300"),
+        (dict(method="sign", error_feedback=False), ValueError, "always uses error feedback"),
+        (dict(block_size=0), ValueError, "Expected `block_size` to be an integer >= 1 but got 0"),
+    ],
+)
+def test_compression_arguments_that_do_not_apply_are_errors_in_init(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        GradientQuantization(**kwargs, compress_communication=True)
+
+
+def test_compression_flag_and_defaults():
+    with pytest.raises(TypeError, match="Expected `compress_communication` to be a bool but got str"):
+        GradientQuantization(compress_communication="yes")
+    # the after-step mode takes every method's own defaults: nothing forwarded counts as given
+    assert GradientQuantization("sign").quantizer.levels == GradientQuantization("terngrad").quantizer.levels == 1
+    compressed = GradientQuantization("sign", compress_communication=True)
+    assert compressed.quantizer is None and compressed.state_key != GradientQuantization("sign").state_key
+    assert set(compressed.charts()) == {"quantization", "communication"}
+    saved = {"ranks": [{"world_size": 2, "residuals": {}}, {"world_size": 2, "residuals": {}}]}
+    compressed.load_state_dict(saved)
+    assert compressed.state_dict() == saved  # kept until fit start, where each rank takes its own entry

@@ -274,6 +274,11 @@ def test_other_dtypes(dtype):
         (dict(block_size=0), ValueError, "Expected `block_size` to be an integer >= 1 but got 0"),
         (dict(rounding="floor"), ValueError, "Expected `rounding` to be one of"),
         (dict(method="sign", rounding="nearest"), ValueError, "method='sign' has no rounding step"),
+        # every value given counts, the defaults too: the callback passes None where the user gave nothing
+        (dict(method="sign", rounding="stochastic"), ValueError, "method='sign' has no rounding step"),
+        (dict(method="sign", bits=8), ValueError, "`bits` does not apply to method='sign' .* but got bits=8"),
+        (dict(method="terngrad", bits=8), ValueError, "`bits` does not apply to method='terngrad'"),
+        (dict(method="qsgd", bits=8, levels=5), ValueError, "at most one of `bits` and `levels` .* got 8 and 5"),
         (dict(method="sign", error_feedback=False), ValueError, "always uses error feedback"),
         (dict(error_feedback="yes"), TypeError, "Expected `error_feedback` to be a bool or None but got str"),
         (dict(clamp_sigma=0), ValueError, "Expected `clamp_sigma` to be a positive finite number or None but got 0"),
@@ -287,13 +292,6 @@ def test_other_dtypes(dtype):
 def test_bad_arguments(kwargs, error, match):
     with pytest.raises(error, match=match):
         GradientQuantizer(**kwargs)
-
-
-def test_the_callbacks_forwarded_defaults_count_as_not_given():
-    # GradientQuantization passes bits=8 and rounding="stochastic" whatever the method
-    assert GradientQuantizer("sign", bits=8, rounding="stochastic").levels == 1
-    assert GradientQuantizer("terngrad", bits=8).levels == 1
-    assert GradientQuantizer("qsgd", bits=8, levels=5).levels == 5
 
 
 def test_encode_decode_on_blocks():

@@ -14,7 +14,16 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-__all__ = ["classes", "found_inf", "grad_scaler", "logging_step", "loss_scale", "takes_found_inf", "torch_optimizer"]
+__all__ = [
+    "classes",
+    "ddp_comm_hook",
+    "found_inf",
+    "grad_scaler",
+    "logging_step",
+    "loss_scale",
+    "takes_found_inf",
+    "torch_optimizer",
+]
 
 
 def classes(module: str, *names: str) -> tuple[type, ...]:
@@ -38,6 +47,12 @@ def logging_step(trainer: Any) -> int:
     """The step Lightning logs ``self.log`` values and ``LearningRateMonitor`` at: batches that stepped the
     optimizers (one per batch however many optimizers step in it; ``global_step`` counts every optimizer step)."""
     return trainer.fit_loop.epoch_loop._batches_that_stepped
+
+
+def ddp_comm_hook(strategy: Any) -> Optional[Any]:
+    """The communication hook given to ``DDPStrategy(ddp_comm_hook=...)`` (kept whatever the device, registered by
+    Lightning on CUDA only), or ``None``."""
+    return getattr(strategy, "_ddp_comm_hook", None)
 
 
 def grad_scaler(trainer: Any) -> Optional[torch.amp.GradScaler]:

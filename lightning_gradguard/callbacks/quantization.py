@@ -5,74 +5,105 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import lightning.pytorch as pl
+import torch.distributed as dist
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from typing_extensions import override
 
+from lightning_gradguard.callbacks._lightning import classes, ddp_comm_hook
 from lightning_gradguard.callbacks.base import TAG_PREFIX, GradGuardCallback, GradStep
+from lightning_gradguard.callbacks.guard import ExplosionGuard
+from lightning_gradguard.functional.communication import QuantizedCommState, quantized_allreduce_hook
 from lightning_gradguard.functional.quantization import GradientQuantizer, Method, Rounding
 
 __all__ = ["GradientQuantization"]
 
 
 class GradientQuantization(GradGuardCallback):
-    r"""Quantize the gradients to a few bits before every optimizer step, optionally with error feedback.
+    r"""Quantize the gradients to a few bits, after the optimizer step's gradients are ready or, under DDP, in
+    the gradient all-reduce itself, optionally with error feedback.
 
-    Simulates the gradient compression of communication-efficient training (what reaches the optimizer is exactly
-    what a low-bit all-reduce would deliver) and bounds the largest gradient element on the way. It runs after
-    :class:`~lightning_gradguard.GradientClipping` when both are attached, on the gradients after accumulation and
-    AMP unscaling; under DDP on the averaged gradients, under FSDP2 on each rank's local shard.
+    By default it simulates the gradient compression of communication-efficient training: what reaches the
+    optimizer is what a low-bit all-reduce would deliver, and the largest gradient element is bounded on the way. It
+    runs after :class:`~lightning_gradguard.GradientClipping` when both are attached, on the gradients after
+    accumulation and AMP unscaling; under DDP on the averaged gradients, under FSDP2 on each rank's local shard.
 
     Methods (the math is :class:`~lightning_gradguard.functional.quantization.GradientQuantizer`):
 
-    - ``"stochastic"``: k-bit stochastic rounding (``bits`` 2 to 8), one scale (the largest ``|g|``) per block of
-      ``block_size`` elements; unbiased.
+    - ``"stochastic"``: k-bit stochastic rounding (``bits`` 2 to 8, default 8), one scale (the largest ``|g|``) per
+      block of ``block_size`` elements; unbiased.
     - ``"qsgd"``: QSGD with ``levels`` levels, scaled by the L2 norm of each block; unbiased.
-    - ``"terngrad"``: per-tensor clip to ``+-2.5 sigma`` then stochastic ternarisation; unbiased on the clipped
-      gradient.
-    - ``"sign"``: scaled sign (``mean |p| * sign(p)`` per tensor) with error feedback, always on.
+    - ``"terngrad"``: clip to ``+-2.5 sigma`` then stochastic ternarisation; unbiased on the clipped gradient.
+    - ``"sign"``: scaled sign (``mean |p| * sign(p)``) with error feedback, always on.
 
-    ``error_feedback=True`` carries the residual ``p - Q(p)`` to the next step for any method. ``clamp_sigma`` or
-    ``clamp_quantile`` bound ``|g|`` per tensor before quantizing: the quantizer's guard against explosions, so one
-    huge element cannot flatten a whole block to zero (what is clamped is dropped, not fed back).
+    ``error_feedback=True`` carries the residual ``p - Q(p)`` to the next step. ``clamp_sigma`` or
+    ``clamp_quantile`` bound ``|g|`` per tensor before quantizing, so that one huge element cannot flatten a whole
+    block to zero (what is clamped is dropped, not fed back). Error feedback needs ``rel_error`` well below 1 (8 and
+    4 bits, sign): at 2 bits or with terngrad the residual grows instead of shrinking.
 
-    Random draws come from a generator seeded with ``(seed, global step)`` on every rank (plus the shard coordinate
-    under FSDP2), so replicated parameters stay bitwise identical across DDP ranks and a resumed run reproduces an
-    uninterrupted one. The residuals and the seed are in ``state_dict`` (under FSDP2 the residual shards are
-    gathered into full tensors there, a collective that Lightning runs on every rank when it saves). A tensor with a
-    NaN or Inf gradient is left untouched and neither consumes nor updates its residual. Nothing in the step reads a
-    device value on the host. Error feedback needs ``rel_error`` well below 1 (8 and 4 bits, sign): at 2 bits or
-    with terngrad the residual grows instead of shrinking.
-    Memory: about three float32 copies of the gradients (two in the block layout, one dither table; four with error
-    feedback) are kept between steps.
+    Random draws come from a generator seeded with ``(seed, step)`` on every rank (plus the shard coordinate under
+    FSDP2), so DDP replicas stay bitwise identical and a resumed run reproduces an uninterrupted one. A tensor with
+    a NaN or Inf gradient is left untouched and keeps its residual. Nothing in the step reads a device value on the
+    host. The residuals and the seed are in ``state_dict`` (under FSDP2 the shards are gathered there, a collective
+    that Lightning runs on every rank when it saves). Memory: with error feedback one float32 copy of the gradients
+    (padded to whole blocks) is kept between steps.
+
+    **Compressed communication** (``compress_communication=True``, DDP only): the callback registers
+    :func:`~lightning_gradguard.functional.communication.quantized_allreduce_hook` on the DDP-wrapped model at fit
+    start, on any backend (gloo, NCCL). Instead of float32 gradients each rank sends its bucket's codes and one
+    float32 scale per block in two hops (all-to-all of chunks, then all-gather of their re-quantized sums): about
+    ``32 / bits`` times fewer bytes (8 bits: 4x, sign: 32x), each rank with its own error-feedback residuals
+    (default: on for ``"sign"`` and 4 bits or more). :class:`~lightning_gradguard.GradientNormMonitor`,
+    :class:`~lightning_gradguard.GradientClipping` and :class:`~lightning_gradguard.ExplosionGuard` then see the
+    averaged, decompressed gradient, and nothing is quantized a second time. It pays where the network bounds the
+    step (multi-node runs on a slow link); on one machine or a fast interconnect the quantization costs more time
+    than the bytes save. ``rounding``, ``clamp_sigma`` and ``clamp_quantile`` do not apply (the hook rounds
+    stochastically and bounds no outliers). FSDP2 is not supported (its reduce-scatter has no DDP-style hook).
+
+    - Non-finite gradients: the hook flags each rank's own bucket before sending it, so an ExplosionGuard event
+      names the rank a NaN came from.
+    - A step the guard skips gets :meth:`~QuantizedCommState.undo_step`: its quantization errors belong to
+      gradients never applied. With a ``"rewind"`` guard the residuals from before each snapshot's step are kept
+      (one more copy of this rank's residuals) and restored with the snapshot.
+    - Checkpoints: Lightning writes rank 0's ``state_dict`` only, so ``state_dict`` gathers every rank's residuals
+      to rank 0 (a collective: every rank calls it when Lightning saves) and the checkpoint holds world size x the
+      gradients. On load each rank takes its own entry at fit start; another world size or bucket layout warns and
+      restarts error feedback from zero.
 
     Logged tags (``gradguard/opt<i>/...`` with several optimizers), every optimizer step through the buffered flush:
 
     - ``gradguard/quant/rel_error``: ``||Q(p) - p|| / ||p||``, ``p`` the quantizer's input (gradient plus
-      residual, after the outlier bound), over the tensors that were quantized.
-    - ``gradguard/quant/clamped``: fraction of elements clamped by the outlier bound (0 without one).
+      residual, after the outlier bound), over the tensors that were quantized (compressed: the first hop's).
+    - ``gradguard/quant/clamped``: fraction of elements clamped by the outlier bound (not when compressing).
+    - ``gradguard/comm/bytes``, ``gradguard/comm/ratio`` (compressed only): bytes this rank sent in the step, and
+      how many times fewer than a float32 ring all-reduce.
 
-    With a ``TensorBoardLogger`` both appear in a "quantization" chart of the custom-scalars layout.
+    With a ``TensorBoardLogger`` they appear in the "quantization" and "communication" charts of the custom-scalars
+    layout.
 
     Args:
         method: ``"stochastic"``, ``"qsgd"``, ``"terngrad"`` or ``"sign"``.
-        bits: code width of ``"stochastic"``, 2 to 8.
+        bits: code width of ``"stochastic"``, 2 to 8 (default 8); for ``"qsgd"`` the default of ``levels``.
         levels: levels of ``"qsgd"``; default ``2**(bits-1) - 1``.
         block_size: elements per block (scale block of ``"stochastic"``, norm bucket of ``"qsgd"``).
-        rounding: ``"stochastic"`` (unbiased) or ``"nearest"`` (deterministic).
-        error_feedback: carry the quantization residual to the next step; default on for ``"sign"`` only.
+        rounding: ``"stochastic"`` (unbiased, the default) or ``"nearest"`` (deterministic); not for ``"sign"``.
+        error_feedback: carry the quantization residual to the next step; default on for ``"sign"`` only (see above
+            when compressing).
         clamp_sigma: bound ``|g|`` per tensor at this many root-mean-squares (default 2.5 for ``"terngrad"``).
         clamp_quantile: bound ``|g|`` per tensor at this quantile of ``|g|``, in ``(0, 1]``.
         seed: base seed of the random draws (the same on every rank).
+        compress_communication: quantize in DDP's gradient all-reduce instead of after it.
         flush_interval: optimizer steps between writes to the loggers; default: ``log_every_n_steps``.
 
     Raises:
-        TypeError, ValueError: for arguments of the wrong type or out of range (in ``__init__``).
+        TypeError, ValueError: for arguments of the wrong type, out of range or that do not apply (in ``__init__``);
+            at ``setup``, ``compress_communication=True`` without ``DDPStrategy`` or with its ``ddp_comm_hook``.
 
     Example::
 
         >>> from lightning.pytorch import Trainer
         >>> quantization = GradientQuantization("stochastic", bits=8, error_feedback=True)
         >>> trainer = Trainer(callbacks=[quantization], logger=False, enable_progress_bar=False)
+        >>> compressed = GradientQuantization("stochastic", bits=8, compress_communication=True)  # strategy="ddp"
     """
 
     stage = 30
@@ -80,57 +111,141 @@ class GradientQuantization(GradGuardCallback):
     def __init__(
         self,
         method: Method = "stochastic",
-        bits: int = 8,
+        bits: Optional[int] = None,
         levels: Optional[int] = None,
         block_size: int = 2048,
-        rounding: Rounding = "stochastic",
+        rounding: Optional[Rounding] = None,
         error_feedback: Optional[bool] = None,
         clamp_sigma: Optional[float] = None,
         clamp_quantile: Optional[float] = None,
         seed: int = 0,
+        compress_communication: bool = False,
         flush_interval: Optional[int] = None,
     ) -> None:
         super().__init__(flush_interval=flush_interval)
-        self.quantizer = GradientQuantizer(
-            method,
-            bits=bits,
-            levels=levels,
-            block_size=block_size,
-            rounding=rounding,
-            error_feedback=error_feedback,
-            clamp_sigma=clamp_sigma,
-            clamp_quantile=clamp_quantile,
-            seed=seed,
-        )
+        if not isinstance(compress_communication, bool):
+            raise TypeError(f"Expected `compress_communication` to be a bool but got {type(compress_communication).__name__}")
+        self.method = method
+        self.compress_communication = compress_communication
+        self.quantizer: Optional[GradientQuantizer] = None
+        self.communication: Optional[QuantizedCommState] = None  # the hook's state, from fit start
+        self._loaded: Optional[dict[str, Any]] = None  # a loaded checkpoint entry, taken at fit start
+        self._rewind_residuals: Optional[tuple[int, dict[str, Any]]] = None  # (snapshot step, residuals)
+        if not compress_communication:
+            self.quantizer = GradientQuantizer(
+                method, bits=bits, levels=levels, block_size=block_size, rounding=rounding,
+                error_feedback=error_feedback, clamp_sigma=clamp_sigma, clamp_quantile=clamp_quantile, seed=seed,
+            )
+            return
+        for name, value in (("rounding", rounding), ("clamp_sigma", clamp_sigma), ("clamp_quantile", clamp_quantile)):
+            if value is not None:
+                raise ValueError(
+                    f"`{name}` does not apply with compress_communication=True (the hook rounds stochastically and"
+                    f" bounds no outliers): expected None but got {name}={value!r}"
+                )
+        self._comm_args = dict(method=method, bits=bits, levels=levels, block_size=block_size,
+                               error_feedback=error_feedback, seed=seed)
+        QuantizedCommState(**self._comm_args)  # checks the arguments now rather than at fit start
 
     @property
     @override
     def state_key(self) -> str:
         # the residuals are stored per tensor in full shapes: they stay valid if bits or block size change on resume
-        return self._generate_state_key(method=self.quantizer.method)
+        if self.compress_communication:  # per-rank residuals of another layout: never mixed with the others
+            return self._generate_state_key(method=self.method, compress_communication=True)
+        return self._generate_state_key(method=self.method)
 
     @override
     def check_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.gradient_clip_val:
+        strategy = trainer.strategy
+        if self.compress_communication and not isinstance(strategy, classes("strategies", "DDPStrategy")):
+            raise ValueError(
+                "Expected DDPStrategy (strategy='ddp') with `compress_communication=True`, whose DDP gradient"
+                f" all-reduce it replaces, but the strategy is {type(strategy).__name__}. FSDP2 and single devices"
+                " have no DDP communication to compress: use `compress_communication=False` there."
+            )
+        if self.compress_communication and ddp_comm_hook(strategy) is not None:
+            raise ValueError(
+                "`compress_communication=True` registers its own DDP communication hook, but"
+                f" `DDPStrategy(ddp_comm_hook={getattr(ddp_comm_hook(strategy), '__name__', 'hook')})` gives another:"
+                " DDP takes one hook, so expected one of the two."
+            )
+        if trainer.gradient_clip_val and not self.compress_communication:
             rank_zero_warn(
                 "GradientQuantization: `Trainer(gradient_clip_val=...)` clips after the gradients were quantized,"
                 " rescaling the quantized values. Attach `GradientClipping` instead to clip before quantizing."
             )
 
     @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        super().on_fit_start(trainer, pl_module)
+        if not self.compress_communication:
+            return
+        self.communication = QuantizedCommState(**self._comm_args)
+        trainer.strategy.model.register_comm_hook(self.communication, quantized_allreduce_hook)
+        self.pipeline.communication = self.communication
+        self._rewind_residuals = None
+        ranks, rank = (self._loaded or {}).get("ranks") or [], trainer.global_rank
+        if ranks:  # a rank with no entry (a larger world) gets the saved world size: a warning and a reset
+            self.communication.load_state_dict(ranks[rank] if rank < len(ranks) else {"world_size": len(ranks)})
+        self._loaded = None
+
+    @override
     def process_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: GradStep) -> None:
+        if self.communication is not None:  # the hook quantized the gradients in the all-reduce
+            self._after_reduction(step)
+            return
         stats = self.quantizer.quantize_(step.grads, step.global_step, names=step.names, stream=step.optimizer_idx)
         step.log("quant/rel_error", stats.rel_error)
         step.log("quant/clamped", stats.clamped_fraction)
 
     @override
+    def on_skip(self, trainer: pl.Trainer, step: GradStep) -> None:
+        # after-step mode: the guard runs first, so a skipped step was never quantized
+        if self.communication is None:
+            return
+        self.communication.undo_step()
+        self._after_reduction(step)
+        if step.rewound:
+            self.communication.load_state_dict(self._rewind_residuals[1])
+
+    def _after_reduction(self, step: GradStep) -> None:
+        """Log the hook's statistics (the bytes were sent, applied or not); when a rewinding guard took its snapshot
+        at this step, keep the residuals from before the step: those that the steps the snapshot holds left."""
+        stats = self.communication.stats
+        step.log("comm/bytes", stats.bytes_sent)
+        step.log("comm/ratio", stats.ratio)
+        step.log("quant/rel_error", stats.rel_error)
+        guard = next((cb for cb in self.pipeline.callbacks if isinstance(cb, ExplosionGuard) and cb.uses_rewind), None)
+        if guard is not None and guard.snapshot.step == step.global_step:
+            residuals = self.communication.state_dict(before_last_step=True)
+            del residuals["step"]  # loaded at a rewind, the hook's step count goes on
+            self._rewind_residuals = (step.global_step, residuals)
+
+    @override
     def charts(self) -> dict[str, list[str]]:
-        return {"quantization": [rf"{TAG_PREFIX}/(opt\d+/)?quant/.*"]}
+        charts = {"quantization": [rf"{TAG_PREFIX}/(opt\d+/)?quant/.*"]}
+        if self.compress_communication:
+            charts["communication"] = [rf"{TAG_PREFIX}/(opt\d+/)?comm/.*"]
+        return charts
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return self.quantizer.state_dict()
+        if self.quantizer is not None:
+            return self.quantizer.state_dict()
+        if self.communication is None:  # not fitted yet: what was loaded
+            return dict(self._loaded or {"ranks": []})
+        own = self.communication.state_dict()
+        own["residuals"] = {k: v.cpu() for k, v in own["residuals"].items()}  # sync: checkpoint time only
+        if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+            return {"ranks": [own]}
+        ranks = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+        dist.gather_object(own, ranks, dst=0)  # every rank's residuals to rank 0, whose state Lightning writes
+        return {"ranks": ranks}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.quantizer.load_state_dict(state_dict)
+        if self.quantizer is not None:
+            self.quantizer.load_state_dict(state_dict)
+        else:  # each rank takes its own entry at fit start, once the hook is registered
+            self._loaded = state_dict

@@ -239,13 +239,16 @@ class QuantizedCommState:
             bucket.residual, bucket.previous = bucket.previous, bucket.residual
         self._committed = []
 
-    def state_dict(self) -> dict[str, Any]:
+    def state_dict(self, before_last_step: bool = False) -> dict[str, Any]:
         """This rank's residuals by parameter (keyed by position in DDP's first bucket layout), that layout, the
-        world size and the step."""
+        world size and the step; with ``before_last_step``, the residuals that :meth:`undo_step` would restore."""
         if self._pending is not None and not self._buckets:  # loaded, not imported yet
             return dict(self._pending)
+        undone = {id(bucket) for bucket in self._committed} if before_last_step else set()
         residuals = {
-            key: bucket.residual[offset : offset + p.numel()].view_as(p).clone()
+            key: (bucket.previous if id(bucket) in undone else bucket.residual)[offset : offset + p.numel()]
+            .view_as(p)
+            .clone()
             for key, bucket, offset, p in self._residual_slots()
         }
         world = dist.get_world_size(self.process_group) if dist.is_initialized() else 1

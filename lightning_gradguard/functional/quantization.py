@@ -108,20 +108,19 @@ def resolve_levels(method: str, bits: Optional[int], levels: Optional[int]) -> i
     """Check ``method``, ``bits`` and ``levels`` together; return the levels on each side of zero.
 
     ``bits`` (2 to 8, default 8) applies to ``"stochastic"``, and to ``"qsgd"`` as the default of ``levels``;
-    ``levels`` to ``"qsgd"`` only; ``"terngrad"`` and ``"sign"`` have one level. ``GradientQuantization`` forwards
-    its default ``bits=8`` whatever the method, so that value counts as not given.
+    ``levels`` to ``"qsgd"`` only; ``"terngrad"`` and ``"sign"`` have one level.
     """
     if method not in METHODS:
         raise ValueError(f"Expected `method` to be one of {METHODS} but got {method!r}")
     if bits is not None:
         check_int(bits, "bits", 2, 8)
-        if method in ("terngrad", "sign") and bits != 8:
+        if method in ("terngrad", "sign"):
             raise ValueError(f"`bits` does not apply to method={method!r} (one level) but got bits={bits}")
     if levels is not None:
         check_int(levels, "levels", 1)
         if method != "qsgd":
             raise ValueError(f"`levels` applies to method='qsgd' only but got levels={levels} with method={method!r}")
-        if bits is not None and bits != 8:
+        if bits is not None:
             raise ValueError(f"Expected at most one of `bits` and `levels` for 'qsgd' but got {bits} and {levels}")
         return levels
     return 1 if method in ("terngrad", "sign") else levels_for_bits(8 if bits is None else bits)
@@ -297,8 +296,7 @@ class GradientQuantizer:
         self.block_size = check_int(block_size, "block_size", 1)
         if rounding not in (None, *ROUNDINGS):
             raise ValueError(f"Expected `rounding` to be one of {ROUNDINGS} but got {rounding!r}")
-        # GradientQuantization forwards its default rounding="stochastic" whatever the method
-        if method == "sign" and rounding not in (None, "stochastic"):
+        if method == "sign" and rounding is not None:
             raise ValueError(f"method='sign' has no rounding step but got rounding={rounding!r}")
         self.rounding = rounding or "stochastic"
         self.error_feedback = bool(check_error_feedback(method, error_feedback)) or method == "sign"

@@ -22,6 +22,8 @@ class Faults(Callback):
         loss_scale: ``{step: factor}``: the loss, and so every gradient, is multiplied by ``factor``.
         grads: ``{step: factor | "nan" | "inf"}``: the gradients (of ``layer`` only, if given) are multiplied by
             ``factor``, or their first element is set to NaN / Inf. Applied in ``on_before_optimizer_step``.
+        unreduced: ``{step: "nan" | "inf"}``: the first element of the first parameter's gradient (of ``layer``, if
+            given) is set to NaN / Inf as backward computes it, before DDP reduces it (a tensor hook).
         layer: a parameter name, or ``None`` for every parameter.
         ranks: the ranks that inject (``None``: every rank).
     """
@@ -33,9 +35,11 @@ class Faults(Callback):
         grads: Optional[dict[int, Fault]] = None,
         layer: Optional[str] = None,
         ranks: Optional[set[int]] = None,
+        unreduced: Optional[dict[int, str]] = None,
     ) -> None:
         self.loss, self.loss_scale, self.grads = loss or {}, loss_scale or {}, grads or {}
-        self.layer, self.ranks = layer, ranks
+        self.layer, self.ranks, self.unreduced = layer, ranks, unreduced or {}
+        self._handle = None
 
     def _active(self, trainer, faults: dict) -> Optional[Fault]:
         if self.ranks is not None and trainer.global_rank not in self.ranks:
@@ -50,6 +54,16 @@ class Faults(Callback):
             loss.add_(fault)
         if factor is not None:
             loss.mul_(factor)
+        fault = self._active(trainer, self.unreduced)
+        if fault is not None:
+            param = next(p for n, p in pl_module.named_parameters() if self.layer in (None, n))
+            bad = lambda g: g.flatten().index_fill(0, torch.tensor([0]), float(fault)).view_as(g)  # noqa: E731
+            self._handle = param.register_hook(bad)
+
+    def on_after_backward(self, trainer, pl_module):
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer):
         fault = self._active(trainer, self.grads)
