@@ -246,8 +246,11 @@ def main() -> None:
     lines += ["## Bytes per step and rank by world size (formula)", ""] + formula_table(numel) + NOTES
     print("\n".join(lines[-15:]))
     if not args.quick:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text("\n".join(lines))
+        output = Path(args.output)
+        output.parent.mkdir(parents=True, exist_ok=True)
+        # the training-outcome section is benchmarks/comm_outcomes.py's: kept as it is
+        _, section, outcomes = output.read_text().partition("## Training outcome") if output.exists() else ("", "", "")
+        output.write_text("\n".join(lines) + (f"\n{section}{outcomes}" if section else ""))
         print(f"written to {args.output}")
 
 

@@ -77,22 +77,17 @@ class TeacherStudent(L.LightningModule):
         return loss, accuracy
 
 
+def quiet_trainer(steps: int, callbacks: list, root: str, **kwargs: Any) -> L.Trainer:
+    """A CPU Trainer (one device unless ``kwargs`` say otherwise) for ``steps`` steps; no logs, no checkpoints."""
+    defaults = dict(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                    enable_model_summary=False)
+    return L.Trainer(max_steps=steps, callbacks=callbacks, default_root_dir=root, **{**defaults, **kwargs})
+
+
 def train(config: Optional[dict[str, Any]], steps: int, seed: int, root: str) -> tuple[float, float]:
     """Held-out (cross-entropy, accuracy) after ``steps`` optimizer steps with ``GradientQuantization(**config)``."""
     model = TeacherStudent(seed=seed)
-    callbacks = [GradientQuantization(**config)] if config is not None else []
-    trainer = L.Trainer(
-        accelerator="cpu",
-        devices=1,
-        max_steps=steps,
-        callbacks=callbacks,
-        logger=False,
-        enable_checkpointing=False,
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        default_root_dir=root,
-    )
-    trainer.fit(model)
+    quiet_trainer(steps, [GradientQuantization(**config)] if config is not None else [], root).fit(model)
     return model.held_out()
 
 

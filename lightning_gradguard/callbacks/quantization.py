@@ -19,75 +19,56 @@ __all__ = ["GradientQuantization"]
 
 
 class GradientQuantization(GradGuardCallback):
-    r"""Quantize the gradients to a few bits, after the optimizer step's gradients are ready or, under DDP, in
-    the gradient all-reduce itself, optionally with error feedback.
+    r"""Quantize the gradients to a few bits with optional error feedback: after they are ready for the optimizer
+    step, or under DDP in the gradient all-reduce itself (``compress_communication=True``).
 
-    By default it simulates the gradient compression of communication-efficient training: what reaches the
-    optimizer is what a low-bit all-reduce would deliver, and the largest gradient element is bounded on the way. It
-    runs after :class:`~lightning_gradguard.GradientClipping` when both are attached, on the gradients after
-    accumulation and AMP unscaling; under DDP on the averaged gradients, under FSDP2 on each rank's local shard.
+    By default it simulates communication-efficient training: the optimizer gets what a low-bit all-reduce would
+    deliver. It runs after :class:`~lightning_gradguard.GradientClipping` when both are attached, on the gradients
+    after accumulation and AMP unscaling; under DDP on the averaged gradients, under FSDP2 on each local shard.
 
-    Methods (the math is :class:`~lightning_gradguard.functional.quantization.GradientQuantizer`):
+    Methods (:class:`~lightning_gradguard.functional.quantization.GradientQuantizer` has the math): ``"stochastic"``
+    (k-bit stochastic rounding, one scale per block of ``block_size``; unbiased), ``"qsgd"`` (``levels`` levels, the
+    block's L2 norm as scale; unbiased), ``"terngrad"`` (clip to 2.5 sigma, stochastic ternarisation), ``"sign"``
+    (``mean |p| * sign(p)``, always with error feedback). Error feedback carries ``p - Q(p)`` to the next step; it
+    needs ``rel_error`` well below 1 (8 and 4 bits, sign). ``clamp_sigma``/``clamp_quantile`` bound ``|g|`` per
+    tensor before quantizing (what is clamped is dropped, not fed back).
 
-    - ``"stochastic"``: k-bit stochastic rounding (``bits`` 2 to 8, default 8), one scale (the largest ``|g|``) per
-      block of ``block_size`` elements; unbiased.
-    - ``"qsgd"``: QSGD with ``levels`` levels, scaled by the L2 norm of each block; unbiased.
-    - ``"terngrad"``: clip to ``+-2.5 sigma`` then stochastic ternarisation; unbiased on the clipped gradient.
-    - ``"sign"``: scaled sign (``mean |p| * sign(p)``) with error feedback, always on.
+    Draws are seeded with ``(seed, step)`` alike on every rank (plus the shard coordinate under FSDP2): DDP replicas
+    stay bitwise identical and a resumed run reproduces an uninterrupted one. A tensor with a NaN or Inf gradient is
+    left untouched. No host reads in the step. The residuals and the seed are in ``state_dict`` (under FSDP2 gathered
+    there, on every rank). Memory: with error feedback one float32 copy of the gradients is kept between steps.
 
-    ``error_feedback=True`` carries the residual ``p - Q(p)`` to the next step. ``clamp_sigma`` or
-    ``clamp_quantile`` bound ``|g|`` per tensor before quantizing, so that one huge element cannot flatten a whole
-    block to zero (what is clamped is dropped, not fed back). Error feedback needs ``rel_error`` well below 1 (8 and
-    4 bits, sign): at 2 bits or with terngrad the residual grows instead of shrinking.
+    **Compressed communication** (DDP only, any backend): at fit start it registers
+    :func:`~lightning_gradguard.functional.communication.quantized_allreduce_hook` on the wrapped model. Each rank
+    sends the codes of its buckets, with one float32 scale per block, in two hops (all-to-all of chunks, all-gather of
+    their re-quantized sums): about ``32 / bits`` times fewer bytes than float32 DDP, with per-rank error feedback
+    (default on for sign and 4 bits or more; it keeps two float32 copies of the gradients, now and before the step).
+    Monitor, clipping and guard see the averaged, decompressed gradient; nothing is quantized twice. It pays where
+    the network bounds the step (multi-node runs on slow links); on one machine or a fast interconnect quantizing
+    costs more time than the bytes save. ``rounding``, ``clamp_sigma`` and ``clamp_quantile`` do not apply. FSDP2 is
+    not supported (no DDP-style hook).
 
-    Random draws come from a generator seeded with ``(seed, step)`` on every rank (plus the shard coordinate under
-    FSDP2), so DDP replicas stay bitwise identical and a resumed run reproduces an uninterrupted one. A tensor with
-    a NaN or Inf gradient is left untouched and keeps its residual. Nothing in the step reads a device value on the
-    host. The residuals and the seed are in ``state_dict`` (under FSDP2 the shards are gathered there, a collective
-    that Lightning runs on every rank when it saves). Memory: with error feedback one float32 copy of the gradients
-    (padded to whole blocks) is kept between steps.
+    - A NaN or Inf in a rank's own bucket is flagged before sending: the ExplosionGuard event names that rank.
+    - A step the guard skips is undone (``undo_step``): its quantization errors belong to gradients never applied.
+      With a rewinding guard the residuals from before each snapshot's step are kept (one more copy) and restored
+      with the snapshot.
+    - ``state_dict`` gathers every rank's residuals to rank 0, whose state Lightning writes (a collective: every rank
+      calls it when saving); the checkpoint holds world size x the gradients. At fit start each rank loads its own
+      entry; another world size or bucket layout warns and restarts error feedback from zero.
 
-    **Compressed communication** (``compress_communication=True``, DDP only): the callback registers
-    :func:`~lightning_gradguard.functional.communication.quantized_allreduce_hook` on the DDP-wrapped model at fit
-    start, on any backend (gloo, NCCL). Instead of float32 gradients each rank sends its bucket's codes and one
-    float32 scale per block in two hops (all-to-all of chunks, then all-gather of their re-quantized sums): about
-    ``32 / bits`` times fewer bytes (8 bits: 4x, sign: 32x), each rank with its own error-feedback residuals
-    (default: on for ``"sign"`` and 4 bits or more). :class:`~lightning_gradguard.GradientNormMonitor`,
-    :class:`~lightning_gradguard.GradientClipping` and :class:`~lightning_gradguard.ExplosionGuard` then see the
-    averaged, decompressed gradient, and nothing is quantized a second time. It pays where the network bounds the
-    step (multi-node runs on a slow link); on one machine or a fast interconnect the quantization costs more time
-    than the bytes save. ``rounding``, ``clamp_sigma`` and ``clamp_quantile`` do not apply (the hook rounds
-    stochastically and bounds no outliers). FSDP2 is not supported (its reduce-scatter has no DDP-style hook).
-
-    - Non-finite gradients: the hook flags each rank's own bucket before sending it, so an ExplosionGuard event
-      names the rank a NaN came from.
-    - A step the guard skips gets :meth:`~QuantizedCommState.undo_step`: its quantization errors belong to
-      gradients never applied. With a ``"rewind"`` guard the residuals from before each snapshot's step are kept
-      (one more copy of this rank's residuals) and restored with the snapshot.
-    - Checkpoints: Lightning writes rank 0's ``state_dict`` only, so ``state_dict`` gathers every rank's residuals
-      to rank 0 (a collective: every rank calls it when Lightning saves) and the checkpoint holds world size x the
-      gradients. On load each rank takes its own entry at fit start; another world size or bucket layout warns and
-      restarts error feedback from zero.
-
-    Logged tags (``gradguard/opt<i>/...`` with several optimizers), every optimizer step through the buffered flush:
-
-    - ``gradguard/quant/rel_error``: ``||Q(p) - p|| / ||p||``, ``p`` the quantizer's input (gradient plus
-      residual, after the outlier bound), over the tensors that were quantized (compressed: the first hop's).
-    - ``gradguard/quant/clamped``: fraction of elements clamped by the outlier bound (not when compressing).
-    - ``gradguard/comm/bytes``, ``gradguard/comm/ratio`` (compressed only): bytes this rank sent in the step, and
-      how many times fewer than a float32 ring all-reduce.
-
-    With a ``TensorBoardLogger`` they appear in the "quantization" and "communication" charts of the custom-scalars
-    layout.
+    Tags, every optimizer step (``gradguard/opt<i>/...`` with several optimizers): ``gradguard/quant/rel_error``
+    (``||Q(p) - p|| / ||p||``, ``p`` the quantizer's input; compressed: the first hop's); ``gradguard/quant/clamped``
+    (fraction clamped by the outlier bound; after-step only); ``gradguard/comm/bytes`` and ``gradguard/comm/ratio``
+    (compressed only: bytes this rank sent, and how many times fewer than a float32 ring all-reduce). They form the
+    "quantization" and "communication" charts of the TensorBoard custom-scalars layout.
 
     Args:
         method: ``"stochastic"``, ``"qsgd"``, ``"terngrad"`` or ``"sign"``.
         bits: code width of ``"stochastic"``, 2 to 8 (default 8); for ``"qsgd"`` the default of ``levels``.
         levels: levels of ``"qsgd"``; default ``2**(bits-1) - 1``.
         block_size: elements per block (scale block of ``"stochastic"``, norm bucket of ``"qsgd"``).
-        rounding: ``"stochastic"`` (unbiased, the default) or ``"nearest"`` (deterministic); not for ``"sign"``.
-        error_feedback: carry the quantization residual to the next step; default on for ``"sign"`` only (see above
-            when compressing).
+        rounding: ``"stochastic"`` (unbiased, the default) or ``"nearest"``; not for ``"sign"``.
+        error_feedback: carry the residual to the next step; default on for ``"sign"`` only (compressed: see above).
         clamp_sigma: bound ``|g|`` per tensor at this many root-mean-squares (default 2.5 for ``"terngrad"``).
         clamp_quantile: bound ``|g|`` per tensor at this quantile of ``|g|``, in ``(0, 1]``.
         seed: base seed of the random draws (the same on every rank).
@@ -95,8 +76,7 @@ class GradientQuantization(GradGuardCallback):
         flush_interval: optimizer steps between writes to the loggers; default: ``log_every_n_steps``.
 
     Raises:
-        TypeError, ValueError: for arguments of the wrong type, out of range or that do not apply (in ``__init__``);
-            at ``setup``, ``compress_communication=True`` without ``DDPStrategy`` or with its ``ddp_comm_hook``.
+        TypeError, ValueError: bad arguments (``__init__``); compression without DDP or beside a ``ddp_comm_hook``.
 
     Example::
 
@@ -124,18 +104,17 @@ class GradientQuantization(GradGuardCallback):
     ) -> None:
         super().__init__(flush_interval=flush_interval)
         if not isinstance(compress_communication, bool):
-            raise TypeError(f"Expected `compress_communication` to be a bool but got {type(compress_communication).__name__}")
+            kind = type(compress_communication).__name__
+            raise TypeError(f"Expected `compress_communication` to be a bool but got {kind}")
         self.method = method
         self.compress_communication = compress_communication
         self.quantizer: Optional[GradientQuantizer] = None
         self.communication: Optional[QuantizedCommState] = None  # the hook's state, from fit start
         self._loaded: Optional[dict[str, Any]] = None  # a loaded checkpoint entry, taken at fit start
-        self._rewind_residuals: Optional[tuple[int, dict[str, Any]]] = None  # (snapshot step, residuals)
+        self._rewind_residuals: Optional[dict[str, Any]] = None  # those of the guard's snapshot
         if not compress_communication:
-            self.quantizer = GradientQuantizer(
-                method, bits=bits, levels=levels, block_size=block_size, rounding=rounding,
-                error_feedback=error_feedback, clamp_sigma=clamp_sigma, clamp_quantile=clamp_quantile, seed=seed,
-            )
+            self.quantizer = GradientQuantizer(method, bits, levels, block_size, rounding, error_feedback, clamp_sigma,
+                                               clamp_quantile, seed)
             return
         for name, value in (("rounding", rounding), ("clamp_sigma", clamp_sigma), ("clamp_quantile", clamp_quantile)):
             if value is not None:
@@ -150,8 +129,9 @@ class GradientQuantization(GradGuardCallback):
     @property
     @override
     def state_key(self) -> str:
-        # the residuals are stored per tensor in full shapes: they stay valid if bits or block size change on resume
-        if self.compress_communication:  # per-rank residuals of another layout: never mixed with the others
+        # after-step residuals are kept per tensor in full shapes, valid if bits or block size change on resume; the
+        # per-rank residuals of compressed communication are another state, under another key
+        if self.compress_communication:
             return self._generate_state_key(method=self.method, compress_communication=True)
         return self._generate_state_key(method=self.method)
 
@@ -207,7 +187,7 @@ class GradientQuantization(GradGuardCallback):
         self.communication.undo_step()
         self._after_reduction(step)
         if step.rewound:
-            self.communication.load_state_dict(self._rewind_residuals[1])
+            self.communication.load_state_dict(self._rewind_residuals)
 
     def _after_reduction(self, step: GradStep) -> None:
         """Log the hook's statistics (the bytes were sent, applied or not); when a rewinding guard took its snapshot
@@ -218,9 +198,8 @@ class GradientQuantization(GradGuardCallback):
         step.log("quant/rel_error", stats.rel_error)
         guard = next((cb for cb in self.pipeline.callbacks if isinstance(cb, ExplosionGuard) and cb.uses_rewind), None)
         if guard is not None and guard.snapshot.step == step.global_step:
-            residuals = self.communication.state_dict(before_last_step=True)
-            del residuals["step"]  # loaded at a rewind, the hook's step count goes on
-            self._rewind_residuals = (step.global_step, residuals)
+            self._rewind_residuals = self.communication.state_dict(before_last_step=True)
+            del self._rewind_residuals["step"]  # loaded at a rewind, the hook's step count goes on
 
     @override
     def charts(self) -> dict[str, list[str]]:

@@ -1,26 +1,18 @@
 """Compressed DDP communication: a gradient all-reduce that sends low-bit codes instead of float32 values.
 
-Per bucket, on every rank (the two hops of ZeRO++ qgZ, Wang et al. 2023):
+Per bucket and rank, the two hops of ZeRO++ qgZ (Wang et al. 2023): ``p = g + e`` (the bucket plus this rank's
+error-feedback residual) is quantized blockwise (:func:`~lightning_gradguard.functional.quantization.encode`, one
+float32 scale per block) and cut into one chunk per rank; an all-to-all gives rank ``j`` every rank's codes of chunk
+``j``, which it decodes, sums and quantizes once; an all-gather sends these codes to every rank, which all decode the
+same bits (replicas stay bitwise identical) and divide by the world size. The errors of both hops go into the
+residuals (Karimireddy et al. 2019; DoubleSqueeze, Tang et al. 2019): over ``T`` steps the world size times the sum
+of the averages equals the sum of all ranks' gradients minus the sum of their residuals.
 
-1. ``p = g + e``: the local bucket plus this rank's error-feedback residual, quantized blockwise with
-   :func:`~lightning_gradguard.functional.quantization.encode` (one float32 scale per block).
-2. All-to-all: the bucket is cut into one chunk per rank; rank ``j`` receives every rank's codes for chunk ``j``.
-3. Rank ``j`` decodes and sums its chunk, quantizes the sum once, and an all-gather sends these codes to every
-   rank. All ranks decode the same bits (replicas stay bitwise identical) and divide by the world size.
-
-Error feedback (Karimireddy et al. 2019, on both hops as in DoubleSqueeze, Tang et al. 2019): the first hop's error
-``p - Q(p)`` and, on the rank that owns a chunk, the second hop's error ``S - Q(S)`` go into that rank's residual;
-over ``T`` steps the sum of the averaged gradients times the world size equals the sum of all ranks' gradients
-minus the sum of all ranks' residuals.
-
-Non-finite gradients: a block with a NaN or Inf is sent with a NaN scale, so the averaged bucket is NaN there on
-every rank, and each rank's flag travels with its second-hop codes (:attr:`CommStats.nonfinite_ranks`). The new
-residuals of a step become current after its last bucket, and only if every bucket's reduction was finite: a step
-with a NaN or Inf anywhere leaves every rank's residuals as they were.
-
-Codes are packed densely: ``bits`` per element for ``"stochastic"``, ``ceil(log2(2 * levels + 1))`` for ``"qsgd"``,
-2 for ``"terngrad"``, 1 for ``"sign"``. Every per-step decision is taken on the device; the byte counts are known
-from the sizes on the host. DDP only; FSDP2 is out of scope (its reduce-scatter has no DDP-style hook).
+A block with a NaN or Inf is sent with a NaN scale, so the average is NaN there on every rank, and each rank's flag
+travels with its second-hop codes (:attr:`CommStats.nonfinite_ranks`). A step's new residuals become current after
+its last bucket, and only if the whole reduction was finite. Codes are packed densely: ``bits`` per element for
+``"stochastic"``, ``ceil(log2(2 * levels + 1))`` for ``"qsgd"``, 2 for ``"terngrad"``, 1 for ``"sign"``. Every
+per-step decision is taken on the device. DDP only: FSDP2's reduce-scatter has no DDP-style hook.
 """
 
 import math
@@ -43,20 +35,13 @@ from lightning_gradguard.functional.quantization import (
     resolve_levels,
 )
 
-__all__ = [
-    "CommStats",
-    "QuantizedCommState",
-    "chunk_layout",
-    "pack_codes",
-    "quantized_allreduce_hook",
-    "unpack_codes",
-    "wire_bytes",
-]
+__all__ = ["CommStats", "QuantizedCommState", "chunk_layout", "pack_codes", "quantized_allreduce_hook", "unpack_codes",
+           "wire_bytes"]
 
 
 def pack_codes(codes: Tensor, width: int) -> Tensor:
-    """Pack unsigned codes (``uint8`` below ``2**width``, a multiple of 8 of them) into ``width`` bits each, the
-    first code in the lowest bits. Byte operations only: 8 codes fill ``width`` bytes.
+    """Pack unsigned ``uint8`` codes below ``2**width`` (a multiple of 8 of them) into ``width`` bits each, the
+    first code in the lowest bits: 8 codes fill ``width`` bytes.
 
     Example::
 
@@ -92,10 +77,9 @@ def unpack_codes(data: Tensor, width: int) -> Tensor:
 
 
 class CommStats(NamedTuple):
-    """The last reduced step: bytes this rank sent (``gradguard/comm/bytes``), the bytes of a float32 ring
-    all-reduce of the same buckets, ``2 (W-1)/W * 4 * numel`` per rank, this rank's first-hop ``||Q(p) - p|| /
-    ||p||`` (a device scalar, ``gradguard/quant/rel_error``) and a device flag per rank: its gradients had a NaN or
-    Inf."""
+    """The last reduced step: bytes this rank sent, those of a float32 ring all-reduce (``2 (W-1)/W * 4 * numel``),
+    this rank's first-hop ``||Q(p) - p|| / ||p||`` (a device scalar) and a device flag per rank: its own gradients had
+    a NaN or Inf."""
 
     bytes_sent: int
     fp32_bytes: int
@@ -104,13 +88,13 @@ class CommStats(NamedTuple):
 
     @property
     def ratio(self) -> float:
-        """How many times fewer bytes than float32 (``gradguard/comm/ratio``)."""
+        """How many times fewer bytes than float32."""
         return self.fp32_bytes / max(self.bytes_sent, 1)
 
 
 def chunk_layout(numel: int, world_size: int, block_size: int) -> tuple[int, int]:
-    """``(blocks, block_len)``: a bucket of ``numel`` elements is cut into one chunk per rank of ``blocks`` blocks
-    of ``block_len`` elements, at most ``block_size`` rounded up to a multiple of 8 (whole bytes at any code width).
+    """``(blocks, block_len)`` of each of the ``world_size`` chunks of a bucket: ``block_len`` is at most
+    ``block_size`` rounded up to a multiple of 8 (whole bytes at any code width).
 
     Example::
 
@@ -123,9 +107,8 @@ def chunk_layout(numel: int, world_size: int, block_size: int) -> tuple[int, int
 
 
 def wire_bytes(numel: int, world_size: int, width: int, block_size: int = 2048) -> int:
-    """Bytes one rank sends to reduce a bucket of ``numel`` elements with ``width``-bit codes: its chunks to the
-    ``W - 1`` other ranks in the all-to-all, then its re-quantized chunk and its non-finite flag (one byte) to them
-    in the all-gather. Each chunk carries its float32 block scales.
+    """Bytes one rank sends to reduce a bucket of ``numel`` elements: to each of the ``W - 1`` other ranks, a chunk
+    of ``width``-bit codes with its float32 block scales in each hop, and a non-finite flag byte in the second.
 
     Example::
 
@@ -157,22 +140,20 @@ class QuantizedCommState:
 
     Args:
         method: ``"stochastic"``, ``"qsgd"``, ``"terngrad"`` (per block: clip to 2.5 sigma, ternarize) or
-            ``"sign"`` (per block ``mean|p|`` times the sign bit); see
-            :mod:`~lightning_gradguard.functional.quantization`.
+            ``"sign"`` (per block ``mean|p|`` times the sign bit).
         bits: code width of ``"stochastic"``, 2 to 8 (default 8); for ``"qsgd"`` the default of ``levels``.
         levels: levels of ``"qsgd"``, 1 to 127.
-        block_size: at most this many elements share a scale (a bucket's blocks are evened out per chunk).
-        error_feedback: carry the quantization errors to the next step. Default: on for ``"sign"`` (required) and
-            for 4 bits or more, where ``||Q(p) - p|| < ||p||``; off for 2 and 3 bits, ``"terngrad"`` and ``"qsgd"``
-            under 7 levels, whose error can exceed the input and then grows when fed back.
+        block_size: at most this many elements share a scale.
+        error_feedback: default on for ``"sign"`` (required) and 4 bits or more, where ``||Q(p) - p|| < ||p||``;
+            off where the error can exceed the input and would grow when fed back (2 and 3 bits, ``"terngrad"``,
+            ``"qsgd"`` under 7 levels).
         seed: base of the random draws, seeded per ``(step, bucket, rank, hop)``.
-        process_group: the DDP process group (default: the world). The second hop runs on a twin group created at
-            the first call, so that it can be issued from the first hop's completion callbacks in bucket order.
+        process_group: the DDP process group (default: the world). The second hop runs on a twin group, so that it
+            can be issued from the first hop's completion callbacks in bucket order.
 
-    After each backward pass, :attr:`stats` has the step's bytes, ratio, relative error and non-finite ranks. A
-    step that the optimizer skips calls :meth:`undo_step`; a rewind loads the :meth:`state_dict` saved with its
-    snapshot. Checkpoint every rank's :meth:`state_dict` (the residuals differ per rank) and load each rank its
-    own: a load on another world size or bucket layout warns and restarts error feedback from zero.
+    After each backward pass :attr:`stats` describes the step. A step the optimizer skips calls :meth:`undo_step`.
+    The residuals differ per rank: checkpoint every rank's :meth:`state_dict` and load each rank its own; a load on
+    another world size or bucket layout warns and restarts error feedback from zero.
 
     Raises:
         TypeError, ValueError: for arguments of the wrong type, out of range, or that do not apply to ``method``.
@@ -185,17 +166,9 @@ class QuantizedCommState:
         >>> # ddp_model.register_comm_hook(state, quantized_allreduce_hook); after each backward: state.stats
     """
 
-    def __init__(
-        self,
-        method: Method = "stochastic",
-        *,
-        bits: Optional[int] = None,
-        levels: Optional[int] = None,
-        block_size: int = 2048,
-        error_feedback: Optional[bool] = None,
-        seed: int = 0,
-        process_group: Optional[Any] = None,
-    ) -> None:
+    def __init__(self, method: Method = "stochastic", *, bits: Optional[int] = None, levels: Optional[int] = None,
+                 block_size: int = 2048, error_feedback: Optional[bool] = None, seed: int = 0,
+                 process_group: Optional[Any] = None) -> None:
         self.levels = resolve_levels(method, bits, levels)
         if method == "qsgd":
             check_int(self.levels, "levels", 1, 127)  # codes of at most 8 bits
@@ -232,9 +205,8 @@ class QuantizedCommState:
         self._pending, self._committed = None, []
 
     def undo_step(self) -> None:
-        """Restore the residuals from before the last step, for a step that the optimizer skipped or a rewind will
-        replace: its quantization error belongs to gradients that were never applied, while the previous residual
-        is what the applied steps still owe. Call it after the backward pass; a second call does nothing."""
+        """Restore the residuals from before the last step, for a step the optimizer skipped: its quantization error
+        belongs to gradients never applied. Call it after the backward pass; a second call does nothing."""
         for bucket in self._committed:
             bucket.residual, bucket.previous = bucket.previous, bucket.residual
         self._committed = []
@@ -245,12 +217,8 @@ class QuantizedCommState:
         if self._pending is not None and not self._buckets:  # loaded, not imported yet
             return dict(self._pending)
         undone = {id(bucket) for bucket in self._committed} if before_last_step else set()
-        residuals = {
-            key: (bucket.previous if id(bucket) in undone else bucket.residual)[offset : offset + p.numel()]
-            .view_as(p)
-            .clone()
-            for key, bucket, offset, p in self._residual_slots()
-        }
+        residuals = {key: (b.previous if id(b) in undone else b.residual)[o : o + p.numel()].view_as(p).clone()
+                     for key, b, o, p in self._residual_slots()}
         world = dist.get_world_size(self.process_group) if dist.is_initialized() else 1
         return {"step": self.step, "world_size": world, "layout": dict(self._layout), "residuals": residuals}
 

@@ -1,32 +1,23 @@
-"""Low-bit gradient quantizers with error feedback, without host syncs (formulas in ``shared/ANCHORS.md``).
+"""Low-bit gradient quantizers with error feedback, without host syncs.
 
-- ``"stochastic"``: per block of ``block_size`` elements, ``Q(g) = round_stochastic(g / max|g| * L) * max|g| / L``,
-  ``L = 2**(bits-1) - 1`` levels on each side of zero. Unbiased.
-- ``"qsgd"`` (Alistarh et al., 2017): the same with the block's L2 norm as scale and ``L = s``. Unbiased; variance
-  ``<= min(d / s**2, sqrt(d) / s) * ||v||**2`` per block of ``d`` elements.
+- ``"stochastic"``: per block, ``Q(g) = round_stochastic(g / max|g| * L) * max|g| / L`` with ``L = 2**(bits-1) - 1``
+  levels on each side of zero. Unbiased.
+- ``"qsgd"`` (Alistarh et al., 2017): the block's L2 norm as scale and ``L = s`` levels. Unbiased.
 - ``"terngrad"`` (Wen et al., 2017): per tensor, clip to ``+-2.5 sigma``, then ``max|g| * sign(g) *
   Bernoulli(|g| / max|g|)``. Unbiased on the clipped gradient.
-- ``"sign"`` (Karimireddy et al., 2019): per tensor ``mean|p|`` times ``-1`` where ``p < 0``, ``+1`` elsewhere (one
-  bit per element), always with error feedback.
+- ``"sign"`` (Karimireddy et al., 2019): per tensor ``mean|p|`` times the sign bit, always with error feedback.
 
-:func:`encode` and :func:`decode` work on a 2-D view, one block per row and one scale per block; the compressed DDP
-hook (:mod:`~lightning_gradguard.functional.communication`) uses them too.
-
-Error feedback: the input is ``p = g + e`` and ``e <- p - Q(p)`` is carried over, so over ``T`` calls
-``sum(Q) = sum(g) - e_T``. The outlier bound (``clamp_sigma`` root mean squares, or the ``clamp_quantile`` of ``|g|``
-estimated from ``QUANTILE_SAMPLES`` random elements per tensor) clamps ``p`` first; what it removes is dropped, as
-clipping drops it, not fed back.
-
-The tensors of a (device, dtype, shard) group are copied into a zero-padded ``(blocks, block_size)`` tensor, each
-starting on a block boundary; per-tensor statistics are ``_foreach_norm`` over views. Draws come from a generator
-seeded with :func:`derive_seed` of ``(seed, step, stream, group, shard coordinate)``: DDP ranks draw alike (replicas
-stay identical), FSDP2 shards independently, and a resumed run draws what the uninterrupted one drew. Non-finite
-tensors (or whose squared norm overflows) are left bitwise untouched and keep their residual, chosen by
-``torch.where`` on the device.
+Error feedback: ``p = g + e`` is quantized and ``e <- p - Q(p)`` carried over, so over ``T`` calls ``sum(Q) = sum(g)
+- e_T``. An outlier bound (``clamp_sigma``, or ``clamp_quantile`` estimated from ``QUANTILE_SAMPLES`` elements per
+tensor) clamps ``p`` first; what it removes is dropped, not fed back. The tensors of a (device, dtype, shard) group
+share one zero-padded ``(blocks, block_size)`` buffer, each from a block boundary. Draws are seeded with
+:func:`derive_seed` of ``(seed, step, stream, group, shard coordinate)``: DDP replicas draw alike, FSDP2 shards
+independently, a resumed run as the uninterrupted one. Non-finite tensors are left untouched and keep their residual.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
 from collections.abc import Sequence
@@ -43,23 +34,9 @@ try:  # DTensor is public from torch 2.4 on
 except ImportError:  # pragma: no cover - torch builds without distributed support
     DTensor = distribute_tensor = None  # type: ignore[assignment,misc]
 
-__all__ = [
-    "METHODS",
-    "QUANTILE_SAMPLES",
-    "TERNGRAD_CLAMP_SIGMA",
-    "GradientQuantizer",
-    "QuantizationStats",
-    "block_scales",
-    "check_error_feedback",
-    "check_int",
-    "decode",
-    "derive_seed",
-    "encode",
-    "levels_for_bits",
-    "quantize",
-    "resolve_levels",
-    "shard_coordinate",
-]
+__all__ = ["METHODS", "QUANTILE_SAMPLES", "TERNGRAD_CLAMP_SIGMA", "GradientQuantizer", "QuantizationStats",
+           "block_scales", "check_error_feedback", "check_int", "decode", "derive_seed", "encode", "levels_for_bits",
+           "quantize", "resolve_levels", "shard_coordinate"]
 
 Method = Literal["stochastic", "qsgd", "terngrad", "sign"]
 Rounding = Literal["stochastic", "nearest"]
@@ -105,11 +82,8 @@ def _check_real(value: Any, name: str, expected: str, valid: bool) -> Optional[f
 
 
 def resolve_levels(method: str, bits: Optional[int], levels: Optional[int]) -> int:
-    """Check ``method``, ``bits`` and ``levels`` together; return the levels on each side of zero.
-
-    ``bits`` (2 to 8, default 8) applies to ``"stochastic"``, and to ``"qsgd"`` as the default of ``levels``;
-    ``levels`` to ``"qsgd"`` only; ``"terngrad"`` and ``"sign"`` have one level.
-    """
+    """The levels on each side of zero, after checking the three together: ``bits`` (2 to 8, default 8) applies to
+    ``"stochastic"`` and ``"qsgd"`` (the default of ``levels``), ``levels`` to ``"qsgd"``; the others have one."""
     if method not in METHODS:
         raise ValueError(f"Expected `method` to be one of {METHODS} but got {method!r}")
     if bits is not None:
@@ -136,8 +110,8 @@ def check_error_feedback(method: str, error_feedback: Any) -> Optional[bool]:
 
 
 def shard_coordinate(t: Tensor) -> tuple[int, ...]:
-    """This rank's coordinate on the mesh dimensions along which the ``DTensor`` ``t`` is sharded; ``()`` for a
-    plain tensor (and for replicated dimensions, so that replicas of a shard draw the same random numbers)."""
+    """This rank's coordinate on the mesh dimensions along which the ``DTensor`` ``t`` is sharded (``()`` for a plain
+    tensor; replicated dimensions are left out, so that replicas of a shard draw alike)."""
     if DTensor is None or not isinstance(t, DTensor):
         return ()
     coordinate = t.device_mesh.get_coordinate() or []
@@ -154,23 +128,11 @@ def block_scales(blocks: Tensor, method: str) -> Tensor:
     return blocks.abs().amax(1)
 
 
-def encode(
-    blocks: Tensor,
-    method: str,
-    levels: int,
-    *,
-    scales: Optional[Tensor] = None,
-    generator: Optional[torch.Generator] = None,
-) -> tuple[Tensor, Tensor]:
-    """Integer codes in ``[-levels, levels]`` (a float tensor) and the scale of each row of the 2-D ``blocks``.
-
-    Args:
-        blocks: ``(rows, block length)`` values; each row has one scale.
-        method: one of ``METHODS``; ``"sign"`` codes are ``-1`` for negative values and ``+1`` otherwise.
-        levels: levels on each side of zero (1 for ``"terngrad"`` and ``"sign"``).
-        scales: per-row scales (default: :func:`block_scales` of ``blocks``).
-        generator: draws the dither of stochastic rounding, ``floor(y + u)`` with ``u`` uniform in ``[0, 1)``;
-            ``None``: round to nearest, ties to even.
+def encode(blocks: Tensor, method: str, levels: int, *, scales: Optional[Tensor] = None,
+           generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
+    """Integer codes in ``[-levels, levels]`` (a float tensor) and the scale of each row of the 2-D ``blocks``
+    (default: :func:`block_scales`). ``"sign"`` codes are ``-1`` for negative values, ``+1`` otherwise. With a
+    ``generator``, stochastic rounding ``floor(y + u)``, ``u`` uniform in ``[0, 1)``; else to nearest, ties to even.
 
     Example::
 
@@ -200,8 +162,8 @@ def decode(codes: Tensor, scales: Tensor, levels: int) -> Tensor:
 
 @dataclass
 class QuantizationStats:
-    """Device scalars of one call, over the tensors quantized: squared error, squared input norm, elements clamped
-    by the outlier bound, elements quantized."""
+    """Device scalars of one call over the tensors quantized: squared error and input norm, elements clamped, elements
+    quantized."""
 
     error_sq: Tensor
     input_sq: Tensor
@@ -210,13 +172,11 @@ class QuantizationStats:
 
     @property
     def rel_error(self) -> Tensor:
-        """``||Q(p) - p|| / ||p||`` where ``p`` is the quantizer's input after the outlier bound (0 for ``p = 0``)."""
-        # input_sq = 0 means error_sq = 0: the clamp turns 0 / 0 into 0
+        """``||Q(p) - p|| / ||p||``, ``p`` the input after the outlier bound (0 for ``p = 0``: the clamp)."""
         return (self.error_sq / self.input_sq.clamp(min=torch.finfo(self.input_sq.dtype).tiny)).sqrt()
 
     @property
     def clamped_fraction(self) -> Tensor:
-        """Fraction of the quantized elements that the outlier bound clamped."""
         return self.clamped / self.numel.clamp(min=1)
 
 
@@ -230,9 +190,7 @@ class _Layout:
         self.block_size = block_size
         blocks = [-(-n // block_size) for n in self.sizes]
         self.rows = sum(blocks)
-        starts = [0]
-        for b in blocks[:-1]:
-            starts.append(starts[-1] + b * block_size)
+        starts = [0, *itertools.accumulate(b * block_size for b in blocks[:-1])]
         self.segment = torch.tensor([i for i, b in enumerate(blocks) for _ in range(b)], dtype=torch.long).to(device)
         self.starts = torch.tensor(starts).to(device)
         self.numel = torch.tensor(self.sizes, dtype=dtype).to(device)
@@ -255,15 +213,13 @@ class GradientQuantizer:
     Args:
         method: ``"stochastic"``, ``"qsgd"``, ``"terngrad"`` or ``"sign"`` (formulas in the module docstring).
         bits: code width of ``"stochastic"``, 2 to 8 (default 8); for ``"qsgd"`` the default of ``levels``.
-        levels: ``s``, the number of levels of ``"qsgd"`` (default: ``2**(bits-1) - 1``); only for ``"qsgd"``.
-        block_size: elements per block (``"stochastic"``: one scale per block; ``"qsgd"``: the bucket of the norm).
+        levels: ``s`` of ``"qsgd"`` only (default: ``2**(bits-1) - 1``).
+        block_size: elements per block (the scale block of ``"stochastic"``, the norm bucket of ``"qsgd"``).
         rounding: ``"stochastic"`` (unbiased, the default) or ``"nearest"`` (ties to even); not for ``"sign"``.
-        error_feedback: carry the residual ``p - Q(p)`` to the next call. Default: on for ``"sign"`` (where it
-            cannot be turned off), off otherwise.
-        clamp_sigma: clamp ``|g|`` per tensor to ``clamp_sigma`` times its root mean square before quantizing.
-            Default: 2.5 for ``"terngrad"`` (its clipping step), none otherwise.
+        error_feedback: carry ``p - Q(p)`` to the next call; default on for ``"sign"`` (always), off otherwise.
+        clamp_sigma: clamp ``|g|`` per tensor to this many root mean squares (default 2.5 for ``"terngrad"``).
         clamp_quantile: clamp ``|g|`` per tensor to this quantile of ``|g|``, in ``(0, 1]``; not with ``clamp_sigma``.
-        seed: base seed of the random draws; the draws of a call depend only on ``(seed, step, stream)``.
+        seed: base seed: the draws of a call depend only on ``(seed, step, stream)``.
 
     Raises:
         TypeError, ValueError: for arguments of the wrong type, out of range, or that do not apply to ``method``.
@@ -279,18 +235,9 @@ class GradientQuantizer:
         tensor([-0.4375, -0.0625, -0.6875,  1.0625])
     """
 
-    def __init__(
-        self,
-        method: Method = "stochastic",
-        bits: Optional[int] = None,
-        levels: Optional[int] = None,
-        block_size: int = 2048,
-        rounding: Optional[Rounding] = None,
-        error_feedback: Optional[bool] = None,
-        clamp_sigma: Optional[float] = None,
-        clamp_quantile: Optional[float] = None,
-        seed: int = 0,
-    ) -> None:
+    def __init__(self, method: Method = "stochastic", bits: Optional[int] = None, levels: Optional[int] = None,
+                 block_size: int = 2048, rounding: Optional[Rounding] = None, error_feedback: Optional[bool] = None,
+                 clamp_sigma: Optional[float] = None, clamp_quantile: Optional[float] = None, seed: int = 0) -> None:
         self.levels = resolve_levels(method, bits, levels)
         self.method = method
         self.block_size = check_int(block_size, "block_size", 1)
@@ -305,34 +252,22 @@ class GradientQuantizer:
         quantile_ok = isinstance(clamp_quantile, (int, float)) and 0 < clamp_quantile <= 1
         self.clamp_quantile = _check_real(clamp_quantile, "clamp_quantile", "a number in (0, 1]", quantile_ok)
         if self.clamp_sigma is not None and self.clamp_quantile is not None:
-            raise ValueError(
-                f"Expected at most one of `clamp_sigma` and `clamp_quantile` but got {clamp_sigma} and {clamp_quantile}"
-            )
+            raise ValueError(f"Expected at most one of `clamp_sigma` and `clamp_quantile` but got {clamp_sigma} and"
+                             f" {clamp_quantile}")
         if method == "terngrad" and self.clamp_sigma is None and self.clamp_quantile is None:
             self.clamp_sigma = TERNGRAD_CLAMP_SIGMA
         self.seed = check_int(seed, "seed", 0)
         self._layouts: dict[tuple, _Layout] = {}  # by the shapes, dtype and device of a group's tensors
         self._residuals: dict[int, dict[str, Tensor]] = {}  # stream -> name -> local residual (compute dtype)
         self._specs: dict[int, dict[str, Optional[tuple]]] = {}  # stream -> name -> DTensor spec of the gradient
-        self._pending: dict[int, dict[str, Tensor]] = {}  # residuals loaded from a checkpoint, full tensors
+        self._pending: dict[int, dict[str, Tensor]] = {}  # loaded from a checkpoint (full tensors), not imported
         self._generators: dict[torch.device, torch.Generator] = {}
 
-    def quantize_(
-        self,
-        tensors: Sequence[Optional[Tensor]],
-        step: int,
-        *,
-        names: Optional[Sequence[str]] = None,
-        stream: int = 0,
-    ) -> QuantizationStats:
-        """Quantize ``tensors`` in place (``DTensor``: the local shard); return the step's statistics.
-
-        Args:
-            tensors: gradients; ``None`` entries are skipped (their residuals are dropped).
-            step: the training step: with ``seed`` and ``stream`` it determines every random draw.
-            names: a name per tensor, the key of its residual (default: the position, as a string).
-            stream: tells apart several calls per step (e.g. one per optimizer): own draws, own residuals.
-        """
+    def quantize_(self, tensors: Sequence[Optional[Tensor]], step: int, *, names: Optional[Sequence[str]] = None,
+                  stream: int = 0) -> QuantizationStats:
+        """Quantize ``tensors`` in place (a ``DTensor``'s local shard; ``None`` entries are skipped and lose their
+        residual) and return the statistics. ``step`` and ``stream`` (one per optimizer: own draws, own residuals)
+        determine the draws; ``names`` key the residuals (default: the positions)."""
         names = [str(i) for i in range(len(tensors))] if names is None else list(names)
         items = [(n, t, as_local_tensor(t)) for n, t in zip(names, tensors) if t is not None]
         groups: dict[tuple, list[int]] = {}
@@ -364,11 +299,9 @@ class GradientQuantizer:
             self._layouts[signature] = _Layout([t.shape for t in tensors], self.block_size, tensors[0].device, compute)
         return self._layouts[signature]
 
-    def _quantize_group(
-        self, layout: _Layout, tensors: list[Tensor], carried: Optional[list[Optional[Tensor]]], generator: Any
-    ) -> tuple[Tensor, Optional[Tensor]]:
-        """One group, in place: ``[error_sq, input_sq, clamped, numel]`` and the new residual buffer (``None``
-        without error feedback). No host reads."""
+    def _quantize_group(self, layout: _Layout, tensors: list[Tensor], carried: Optional[list], generator: Any
+                        ) -> tuple[Tensor, Optional[Tensor]]:
+        """One group in place: ``[error_sq, input_sq, clamped, numel]`` and the new residual buffer (or ``None``)."""
         compute = layout.numel.dtype
         x = torch.zeros(layout.rows, self.block_size, dtype=compute, device=tensors[0].device)
         if layout.rows == 0:  # only empty shards (FSDP2 with fewer rows than ranks): nothing to quantize
@@ -410,7 +343,6 @@ class GradientQuantizer:
         return stats, (torch.where(ok, error, residual) if residual is not None else None)
 
     def _outlier_bound(self, layout: _Layout, norms: Tensor, p: Tensor, generator: Any) -> Optional[Tensor]:
-        """Per-tensor bound on ``|p|``, or ``None`` without an outlier bound."""
         if self.clamp_sigma is not None:
             return self.clamp_sigma * norms / layout.numel.clamp(min=1).sqrt()
         if self.clamp_quantile is None:
@@ -431,8 +363,8 @@ class GradientQuantizer:
         return out
 
     def state_dict(self) -> dict[str, Any]:
-        """``seed`` and the residuals as full tensors by stream and name. Under FSDP2 the shards are gathered (a
-        collective: call it on every rank, as Lightning does when it saves a checkpoint)."""
+        """``seed`` and the residuals as full tensors by stream and name (under FSDP2 gathered: call it on every
+        rank, as Lightning does when it saves)."""
         residuals: dict[int, dict[str, Tensor]] = {s: dict(p) for s, p in self._pending.items()}
         for stream, by_name in self._residuals.items():
             specs = self._specs[stream]
@@ -446,10 +378,9 @@ class GradientQuantizer:
 
 
 def _spec(t: Tensor) -> Optional[tuple]:
-    """What is needed to turn a local shard back into the full tensor (``None`` for a plain tensor)."""
-    if DTensor is None or not isinstance(t, DTensor):
-        return None
-    return (t.device_mesh, tuple(t.placements), t.shape, t.stride())
+    """What turns a local shard back into the full tensor (``None`` for a plain tensor)."""
+    is_dtensor = DTensor is not None and isinstance(t, DTensor)
+    return (t.device_mesh, tuple(t.placements), t.shape, t.stride()) if is_dtensor else None
 
 
 def _full_tensor(local: Tensor, spec: Optional[tuple]) -> Tensor:
@@ -459,33 +390,23 @@ def _full_tensor(local: Tensor, spec: Optional[tuple]) -> Tensor:
     return DTensor.from_local(local, mesh, placements, shape=shape, stride=stride).full_tensor()
 
 
-def _carried(
-    name: str, old: dict[str, Tensor], pending: dict[str, Tensor], spec: Optional[tuple], local: Tensor
-) -> Optional[Tensor]:
-    """The residual of ``name``: the last call's, or a loaded full tensor sliced to this rank's shard (under FSDP2 a
-    collective, taken by every rank in the same order); ``None`` if there is none."""
+def _carried(name: str, old: dict, pending: dict, spec: Optional[tuple], local: Tensor) -> Optional[Tensor]:
+    """The residual of ``name`` (or ``None``): the last call's, or a loaded full tensor sliced to this rank's shard
+    (under FSDP2 a collective, taken by every rank in the same order)."""
     value = old.get(name)
     if value is None and name in pending:
         value = pending[name].to(local.device)
         if spec is not None:
             value = distribute_tensor(value, spec[0], list(spec[1])).to_local()
     if value is not None and value.shape != local.shape:
-        warnings.warn(
-            f"GradientQuantizer: the saved residual of {name!r} has shape {tuple(value.shape)} but the gradient has"
-            f" shape {tuple(local.shape)}; its error feedback restarts from zero."
-        )
+        warnings.warn(f"GradientQuantizer: the saved residual of {name!r} has shape {tuple(value.shape)} but the"
+                      f" gradient has shape {tuple(local.shape)}; its error feedback restarts from zero.")
         return None
     return value
 
 
 def quantize(tensor: Tensor, method: Method = "stochastic", *, step: int = 0, **options: Any) -> Tensor:
-    """``Q(tensor)``, out of place, one step of a fresh :class:`GradientQuantizer` (no residual carried over).
-
-    Args:
-        tensor: the values to quantize.
-        method: as in :class:`GradientQuantizer`.
-        step: with ``seed`` (an option), determines the random draws.
-        options: any other argument of :class:`GradientQuantizer` (``bits``, ``block_size``, ``rounding``, ...).
+    """``Q(tensor)`` out of place: one step of a fresh :class:`GradientQuantizer` with ``options``.
 
     Example::
 

@@ -66,8 +66,8 @@ def fit(config, out, ckpt_path=None, logger=False, checkpoint=False):
     if checkpoint:
         every = config["checkpoint_step"]
         callbacks.append(ModelCheckpoint(dirpath=str(out / "ckpt"), every_n_train_steps=every, save_top_k=-1))
-    max_steps = config["max_steps"]
-    trainer = make_trainer("ddp", max_steps=max_steps, callbacks=callbacks, logger=logger, enable_checkpointing=checkpoint)
+    trainer = make_trainer("ddp", max_steps=config["max_steps"], callbacks=callbacks, logger=logger,
+                           enable_checkpointing=checkpoint)
     model = ShardableRegressor(batch_size=128)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
