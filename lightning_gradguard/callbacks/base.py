@@ -80,7 +80,7 @@ class GradStep(StepGradients):
     """
 
     def __init__(self, pipeline: Pipeline, params: list[Tensor], names: list[str], **fields: Any) -> None:
-        super().__init__(params, names, with_units=pipeline.needs_units)
+        super().__init__(params, names, with_units=pipeline.needs_units, optimizer=fields["optimizer"])
         self.pipeline = pipeline
         self.step: int = fields["step"]
         self.global_step: int = fields["global_step"]

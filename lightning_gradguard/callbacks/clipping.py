@@ -32,6 +32,12 @@ class GradientClipping(GradGuardCallback):
     The rules (the math is :class:`~lightning_gradguard.functional.clipping.GradientClipper`, usable without
     Lightning; every method-specific argument is an error with another method):
 
+    - ``"auto"`` (default): a norm may be at most ``spike_factor`` (4) times the EMA of the norms the optimizer got,
+      so a spike is cut back to the run's own scale while a healthy run is left alone; and once a ``torch.optim.SGD``
+      step ``lr * g`` (with the learning rate in force, after schedulers) would move the weights by more than
+      ``explosion_ratio`` (10%) of their norm, the norm is capped at ``explosion_cap`` (1.0) from then on. It was
+      chosen on a suite of healthy and exploding workloads and confirmed on workloads it was not chosen on (see the
+      outcome results in the docs).
     - ``"zscore"``: ZClip: EMA mean and variance of the global norm; a norm more than ``z_thresh`` standard
       deviations above the mean is clipped back towards the mean.
     - ``"quantile"``: AutoClip: a quantile of the recent norms.
@@ -54,15 +60,16 @@ class GradientClipping(GradGuardCallback):
     Logged tags, every optimizer step (``gradguard/opt<i>/...`` with several optimizers; rank 0 only):
 
     - ``gradguard/grad_norm_clipped``: global L2 norm after clipping.
-    - ``gradguard/clip_threshold``: the threshold in force (``clip_value`` for ``"value"``; for ``"agc"`` and
-      ``"adagc"`` the global norm of the per-unit limits).
+    - ``gradguard/clip_threshold``: the threshold in force (``inf`` while there is none; ``clip_value`` for
+      ``"value"``; for ``"agc"`` and ``"adagc"`` the global norm of the per-unit limits).
     - ``gradguard/clip_coef``: ``grad_norm_clipped / grad_norm`` (1: untouched).
     - ``gradguard/grad_norm``: the norm before clipping, unless a :class:`GradientNormMonitor` logs it.
 
     The TensorBoard custom-scalars layout gets a "gradient norm" chart (norm, clipped norm and threshold together)
     and a "clip coefficient" chart.
 
-    The arguments ``max_norm``, ``clip_value``, ``quantile``, ``history_length``, ``alpha``, ``z_thresh``,
+    The arguments ``max_norm``, ``clip_value``, ``spike_factor``, ``explosion_ratio``, ``explosion_cap``,
+    ``quantile``, ``history_length``, ``alpha``, ``z_thresh``,
     ``zscore_mode``, ``agc_factor``, ``agc_eps``, ``agc_exclude``, ``adagc_beta``, ``adagc_factor``,
     ``warmup_steps``, ``warmup_factor``, ``warmup_threshold`` and ``eps`` are as in
     :class:`~lightning_gradguard.functional.clipping.GradientClipper` (``None``: the method's default).
@@ -87,10 +94,13 @@ class GradientClipping(GradGuardCallback):
 
     def __init__(
         self,
-        method: Method = "agc",
+        method: Method = "auto",
         *,
         max_norm: Optional[float] = None,
         clip_value: Optional[float] = None,
+        spike_factor: Optional[float] = None,
+        explosion_ratio: Optional[float] = None,
+        explosion_cap: Optional[float] = None,
         quantile: Optional[float] = None,
         history_length: Optional[int] = None,
         alpha: Optional[float] = None,

@@ -2,6 +2,12 @@
 
 Rules (``g``: gradients, ``n``: global L2 norm; references in brackets):
 
+- ``"auto"`` (the default, chosen on the outcome suite of ``benchmarks/outcomes.py``): the threshold is the smaller
+  of a spike limit, ``spike_factor`` times the EMA (weight ``alpha`` on the past) of the norms the optimizer got
+  after clipping, and an explosion cap, ``explosion_cap`` from the first step at which a ``torch.optim.SGD`` step
+  ``lr * g`` (with the learning rate in force) would move the weights by more than ``explosion_ratio`` of their
+  norm. A spike never raises the limit, a sustained rise lifts it by a bounded share per step, and a healthy run
+  is left alone; Adam-like optimizers normalise the gradient, so for them only the spike limit acts.
 - ``"norm"``: ``g <- g * min(1, max_norm / n)`` [``torch.nn.utils.clip_grad_norm_``].
 - ``"value"``: ``g_i <- clamp(g_i, -clip_value, clip_value)`` [``torch.nn.utils.clip_grad_value_``].
 - ``"quantile"``: the threshold is the ``quantile`` of the last ``history_length`` norms [AutoClip, Seetharaman et
@@ -59,14 +65,15 @@ __all__ = [
     "zscore_threshold",
 ]
 
-Method = Literal["norm", "value", "quantile", "zscore", "agc", "adagc"]
+Method = Literal["auto", "norm", "value", "quantile", "zscore", "agc", "adagc"]
 ZScoreMode = Literal["adaptive_scaling", "mean"]
-METHODS: tuple[str, ...] = ("norm", "value", "quantile", "zscore", "agc", "adagc")
+METHODS: tuple[str, ...] = ("auto", "norm", "value", "quantile", "zscore", "agc", "adagc")
 _ZSCORE_MODES = ("adaptive_scaling", "mean")
 
 # the arguments of each method, and their defaults when not given (``eps`` and ``max_norm`` apply to every method)
 _WARMUP = {"warmup_steps": None, "warmup_factor": 3.0, "warmup_threshold": 1.0}
 _ARGUMENTS: dict[str, dict[str, Any]] = {
+    "auto": {"spike_factor": 4.0, "alpha": 0.95, "explosion_ratio": 0.1, "explosion_cap": 1.0},
     "norm": {},
     "value": {"clip_value": None},
     "quantile": {"quantile": 0.9, "history_length": 1000, **_WARMUP, "warmup_steps": 25},
@@ -296,6 +303,68 @@ class _SafeStart:
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.window.load_state_dict(state_dict.get("window", {}))
         self.evidence.load_state_dict(state_dict.get("evidence", {}))
+
+
+class _AutoRule(_Rule):
+    """The default rule (module docstring): a spike limit relative to the run's own norms, and a cap from the first
+    plain SGD step that would move the weights by more than ``ratio`` of their norm."""
+
+    def __init__(self, factor: float, alpha: float, ratio: float, cap: float) -> None:
+        self.factor, self.alpha, self.ratio, self.cap = factor, alpha, ratio, cap
+        self.mean = torch.zeros(())
+        self.started = torch.zeros((), dtype=torch.bool)
+        self.latched = torch.zeros((), dtype=torch.bool)
+        self._groups: tuple[tuple, list[Tensor]] = ((), [])  # per param group, where its tensors are in the step
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mean": self.mean.clone(), "started": self.started.clone(), "latched": self.latched.clone()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for key in ("mean", "started", "latched"):
+            if key in state_dict:
+                setattr(self, key, torch.as_tensor(state_dict[key]).to(getattr(self, key).dtype).clone())
+
+    def to(self, device: torch.device) -> None:
+        self.mean, self.started, self.latched = (to_device(t, device) for t in (self.mean, self.started, self.latched))
+
+    def threshold(self, step: StepGradients) -> Tensor:
+        spike = torch.where(self.started, self.factor * self.mean, math.inf)
+        explosive = self._explosive(step)
+        threshold = torch.minimum(spike, torch.where(self.latched | explosive, self.cap, math.inf))
+        # the EMA takes the norm the optimizer gets: a spike never raises the limit
+        clipped = torch.minimum(step.total, threshold)
+        ema = torch.where(self.started, self.alpha * self.mean + (1 - self.alpha) * clipped, clipped)
+        self.mean = torch.where(step.finite, ema, self.mean)
+        self.started = self.started | step.finite
+        self.latched = self.latched | explosive
+        return threshold
+
+    def _explosive(self, step: StepGradients) -> Tensor:
+        """Device bool: the plain SGD step ``lr * g`` would move the weights by more than ``ratio`` of their norm.
+        Only for ``torch.optim.SGD``: Adam-like optimizers normalise the gradient, a large one is not a large step."""
+        optimizer = step.optimizer
+        if optimizer is None:
+            raise ValueError("method='auto' reads the optimizer's learning rate: pass `optimizer` to `clip_`")
+        if not isinstance(optimizer, torch.optim.SGD):
+            return torch.zeros((), dtype=torch.bool, device=step.device)
+        groups = optimizer.param_groups
+        if len(groups) == 1:
+            update = step.total * groups[0]["lr"]
+        else:  # the learning rate in force for each group, times the norm of that group's gradients
+            squares = step.per_tensor.square()
+            update = torch.stack([squares.index_select(0, i).sum() * g["lr"] ** 2 for g, i in zip(groups, self._where(step))]).sum().sqrt()
+        with torch.no_grad():
+            weights = grad_norms(step.params)[1]
+        return step.finite & (update > self.ratio * weights.clamp(min=1e-3))
+
+    def _where(self, step: StepGradients) -> list[Tensor]:
+        """For each param group, the positions of its tensors among the step's (made once per set of tensors)."""
+        key = (id(step.optimizer), tuple(id(p) for p in step.params))
+        if key != self._groups[0]:
+            position = {id(p): i for i, p in enumerate(step.params)}
+            members = [[position[id(p)] for p in g["params"] if id(p) in position] for g in step.optimizer.param_groups]
+            self._groups = (key, [to_device(torch.tensor(m, dtype=torch.long), step.device) for m in members])
+        return self._groups[1]
 
 
 class _NormRule(_Rule):
@@ -531,18 +600,23 @@ def _check_applies(method: str, given: dict[str, Any]) -> dict[str, Any]:
 
 
 class GradientClipper:
-    r"""Clip gradients in place with one of six rules, keeping the rule's statistics on the device.
+    r"""Clip gradients in place with one of seven rules, keeping the rule's statistics on the device.
 
     For plain PyTorch loops: call :meth:`clip_` between ``loss.backward()`` and ``optimizer.step()``. It never reads
     a device value back to the host. Arguments that belong to another method than the chosen one are errors.
 
     Args:
-        method: ``"norm"``, ``"value"``, ``"quantile"``, ``"zscore"``, ``"agc"`` or ``"adagc"`` (module docstring).
+        method: ``"auto"`` (default), ``"norm"``, ``"value"``, ``"quantile"``, ``"zscore"``, ``"agc"`` or
+            ``"adagc"`` (module docstring).
         max_norm: absolute cap on the global L2 norm on top of any rule (``None``: none). The threshold of ``"norm"``.
         clip_value: ``"value"``: the bound on each element's magnitude (required).
+        spike_factor: ``"auto"``: a norm may be at most this multiple of the EMA of past clipped norms; default 4.
+        explosion_ratio: ``"auto"``: a plain SGD step larger than this share of the weight norm turns the explosion
+            cap on; default 0.1.
+        explosion_cap: ``"auto"``: the cap on the global norm from then on; default 1.0.
         quantile: ``"quantile"``: which quantile of the history is the threshold, in ``(0, 1]``; default 0.9.
         history_length: ``"quantile"``: how many past norms the history keeps; default 1000.
-        alpha: ``"zscore"``: EMA weight of the past, in ``(0, 1)``; default 0.97.
+        alpha: ``"zscore"``, ``"auto"``: EMA weight of the past, in ``(0, 1)``; default 0.97 and 0.95.
         z_thresh: ``"zscore"``: z-score above which a norm is clipped; default 2.5.
         zscore_mode: ``"zscore"``: ``"adaptive_scaling"`` (clip harder the larger the outlier, default) or ``"mean"``.
         agc_factor: ``"agc"``: the ratio of gradient to weight norm allowed per unit; default 0.01.
@@ -583,10 +657,13 @@ class GradientClipper:
 
     def __init__(
         self,
-        method: Method = "agc",
+        method: Method = "auto",
         *,
         max_norm: Optional[float] = None,
         clip_value: Optional[float] = None,
+        spike_factor: Optional[float] = None,
+        explosion_ratio: Optional[float] = None,
+        explosion_cap: Optional[float] = None,
         quantile: Optional[float] = None,
         history_length: Optional[int] = None,
         alpha: Optional[float] = None,
@@ -621,7 +698,14 @@ class GradientClipper:
                 _number(args["warmup_threshold"], "warmup_threshold", closed="(]"),
             )
         self._rule: _Rule
-        if method == "norm":
+        if method == "auto":
+            self._rule = _AutoRule(
+                _number(args["spike_factor"], "spike_factor", low=1.0, closed="[)"),
+                _number(args["alpha"], "alpha", closed="[)", high=1.0),
+                _number(args["explosion_ratio"], "explosion_ratio"),
+                _number(args["explosion_cap"], "explosion_cap"),
+            )
+        elif method == "norm":
             self._rule = _NormRule(self.max_norm)  # type: ignore[arg-type]
         elif method == "value":
             if args["clip_value"] is None:
@@ -643,15 +727,23 @@ class GradientClipper:
             self._rule = _AdaGCRule(beta, _number(args["adagc_factor"], "adagc_factor"), self.eps, warmup)
         self._device: Optional[torch.device] = None
 
-    def clip_(self, parameters: Iterable[Tensor], names: Optional[Sequence[str]] = None) -> ClipResult:
+    def clip_(
+        self,
+        parameters: Iterable[Tensor],
+        names: Optional[Sequence[str]] = None,
+        *,
+        optimizer: Optional[torch.optim.Optimizer] = None,
+    ) -> ClipResult:
         """Clip the gradients of ``parameters`` in place and update the rule's statistics.
 
         Args:
             parameters: parameters; those without a gradient are skipped.
             names: one name per parameter (``"agc"``'s exclusion, ``"adagc"``'s per-tensor state); default
                 ``param_<i>``.
+            optimizer: the optimizer about to step (``"auto"`` reads its learning rates; required there).
         """
-        return self.clip_step_(StepGradients(parameters, names, with_units=self.method == "agc"))
+        step = StepGradients(parameters, names, with_units=self.method == "agc", optimizer=optimizer)
+        return self.clip_step_(step)
 
     def clip_step_(self, step: StepGradients) -> ClipResult:
         """:meth:`clip_` for gradients whose norms were computed already (the callbacks' pipeline)."""

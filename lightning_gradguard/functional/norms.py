@@ -236,6 +236,7 @@ class StepGradients:
         params: the parameters; those without a gradient are left out.
         names: one name per parameter (default ``param_<i>``).
         with_units: also compute the row norms (``units``) in the same read of the gradients (AGC).
+        optimizer: the optimizer about to step with these gradients, for rules that read its learning rates.
 
     Attributes:
         params: the parameters that have a gradient.
@@ -251,8 +252,14 @@ class StepGradients:
     """
 
     def __init__(
-        self, params: Iterable[Tensor], names: Optional[Sequence[str]] = None, *, with_units: bool = False
+        self,
+        params: Iterable[Tensor],
+        names: Optional[Sequence[str]] = None,
+        *,
+        with_units: bool = False,
+        optimizer: Optional[torch.optim.Optimizer] = None,
     ) -> None:
+        self.optimizer = optimizer
         params = list(params)
         names = [f"param_{i}" for i in range(len(params))] if names is None else list(names)
         if len(names) != len(params):
