@@ -33,14 +33,25 @@ def pipeline_case(
     optimizer = torch.optim.SGD(params, lr=0.0)
     names = names if names is not None else [f"p{i}" for i in range(len(params))]
     trainer = SimpleNamespace(
-        world_size=1, global_rank=0, is_global_zero=True, current_epoch=0, precision_plugin=None, loggers=[],
+        world_size=1,
+        global_rank=0,
+        is_global_zero=True,
+        current_epoch=0,
+        precision_plugin=None,
+        loggers=[],
         callbacks=[callback],
     )
     counter = [0]
 
     def run() -> None:
         step = GradStep(
-            runtime, counter[0], optimizer, 0, params, names, multi_optimizer=False,
+            runtime,
+            counter[0],
+            optimizer,
+            0,
+            params,
+            names,
+            multi_optimizer=False,
             with_unit_norms=callback.needs_unit_norms,
         )
         callback.process_step(trainer, None, step)  # type: ignore[arg-type]

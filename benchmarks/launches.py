@@ -77,8 +77,10 @@ def main() -> None:
     params = list(model.parameters())
     for p in params:
         p.grad = torch.empty_like(p)
-    print(f"model: {len(params)} parameter tensors, {sum(p.numel() for p in params) / 1e6:.2f}M parameters, "
-          f"meta device (the accelerator code path), torch {torch.__version__}")
+    print(
+        f"model: {len(params)} parameter tensors, {sum(p.numel() for p in params) / 1e6:.2f}M parameters, "
+        f"meta device (the accelerator code path), torch {torch.__version__}"
+    )
     base = launches(lambda: clip_grad_norm_foreach([p.grad for p in params]))
     batched = {name: launches(fn) for name, fn in cases(params).items()}
     limit, norms._BATCH_NUMEL = norms._BATCH_NUMEL, 0  # nothing qualifies for a batch
@@ -91,8 +93,9 @@ def main() -> None:
     print(f"\n{'case':<32} {'launches':>9} {'ratio':>7} {'unbatched':>10} {'ratio':>7}")
     print(f"{'clip_grad_norm_ (foreach path)':<32} {base:>9} {1:>6.2f}x")
     for name in batched:
-        print(f"{name:<32} {batched[name]:>9} {batched[name] / base:>6.2f}x {alone[name]:>10} "
-              f"{alone[name] / base:>6.2f}x")
+        print(
+            f"{name:<32} {batched[name]:>9} {batched[name] / base:>6.2f}x {alone[name]:>10} {alone[name] / base:>6.2f}x"
+        )
 
 
 if __name__ == "__main__":
