@@ -20,7 +20,20 @@ from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
-__all__ = ["CANDIDATES", "AGC", "ClipCallback", "EmaRatio", "ExplosionCap", "Rule", "Step", "UpdateBound", "ZScore"]
+__all__ = [
+    "AGC",
+    "CANDIDATES",
+    "RECOMMENDED",
+    "SHORTLIST",
+    "ClipCallback",
+    "EmaRatio",
+    "ExplosionCap",
+    "Rule",
+    "Step",
+    "UpdateBound",
+    "ZScore",
+    "recommended",
+]
 
 _EPS = 1e-6
 
@@ -152,15 +165,18 @@ class ExplosionCap(Rule):
     """Once a step would move the weights by more than ``ratio`` of their norm in one plain SGD step
     (``lr * norm > ratio * ||W||``), that step and every later one are clipped at ``cap`` (the conventional
     ``clip_grad_norm_`` threshold); until then, no limit. A run that takes such a step has a learning rate too high
-    for where it is; a healthy run never takes one."""
+    for where it is; a healthy run never takes one. With ``sgd_only``, only ``torch.optim.SGD`` is watched: there
+    the step is ``lr * grad`` (times the momentum), while Adam-like optimizers normalise the gradient, so a large
+    gradient is not a large step (their spikes are the relative rule's)."""
 
-    def __init__(self, ratio: float = 0.1, cap: float = 1.0) -> None:
+    def __init__(self, ratio: float = 0.1, cap: float = 1.0, sgd_only: bool = False) -> None:
         self.bound = UpdateBound(ratio)
-        self.cap = cap
+        self.cap, self.sgd_only = cap, sgd_only
         self.latched: Optional[Tensor] = None
 
     def _exploding(self, step: Step) -> Tensor:
-        return step.finite & (step.norm > self.bound.threshold(step))
+        watched = not self.sgd_only or isinstance(getattr(step.optimizer, "optimizer", step.optimizer), torch.optim.SGD)
+        return step.finite & (step.norm > self.bound.threshold(step)) & watched
 
     def threshold(self, step: Step) -> Tensor:
         if self.latched is None:
@@ -262,5 +278,45 @@ CANDIDATES: dict[str, Callable[[], Callback]] = {
     "ema_ratio_5+explosion_cap_1": lambda: ClipCallback(EmaRatio(5.0), ExplosionCap(0.1, 1.0)),
     "zscore_relative+explosion_cap_1": lambda: ClipCallback(ZScore(), ExplosionCap(0.1, 1.0)),
     "ema_ratio_3+explosion_0.05_cap_1": lambda: ClipCallback(EmaRatio(3.0), ExplosionCap(0.05, 1.0)),
+    "ema_ratio_3+sgd_explosion_cap_1": lambda: ClipCallback(EmaRatio(3.0), ExplosionCap(0.1, 1.0, sgd_only=True)),
+    "ema_ratio_4+sgd_explosion_cap_1": lambda: recommended(),
+    "ema_ratio_5+sgd_explosion_cap_1": lambda: ClipCallback(EmaRatio(5.0), ExplosionCap(0.1, 1.0, sgd_only=True)),
 }
-"""``name -> factory`` of every candidate rule."""
+"""``name -> factory`` of every candidate rule, in the order they were tried."""
+
+RECOMMENDED = "ema_ratio_4+sgd_explosion_cap_1"
+"""The rule chosen on the selection set: see :func:`recommended`."""
+
+SHORTLIST: tuple[str, ...] = (
+    "zscore_relative",
+    "ema_ratio_3",
+    "update_0.03",
+    "update_0.03+zscore_relative",
+    "agc_0.1",
+    "agc_lr_0.01",
+    "zscore_cap_1",
+    "update_0.05+ema_ratio_10",
+    "ema_ratio_3+explosion_cap_1",
+    "ema_ratio_3+sgd_explosion_cap_1",
+    RECOMMENDED,
+    "ema_ratio_5+sgd_explosion_cap_1",
+)
+"""The candidates the full suite runs by default: one of each idea, and the recommended rule with its neighbours."""
+
+
+def recommended() -> ClipCallback:
+    """The recommended default: a spike limit relative to the run's own norms, plus a cap for SGD runs that explode.
+
+    At every optimizer step, with ``n`` the global L2 norm of the gradients:
+
+    - **spike limit** ``4 * mu``, where ``mu`` is the EMA (weight 0.95 on the past) of the norms the optimizer got
+      (after clipping), started at the first finite norm, which passes unclipped. A spike never raises the bar; a
+      sustained rise lifts it by at most 15% per step.
+    - **explosion cap** ``1.0`` on this step and every later one, from the first step at which the optimizer is
+      ``torch.optim.SGD`` and the plain SGD step would exceed a tenth of the weights:
+      ``sqrt(sum over groups (lr_i * n_i) ** 2) > 0.1 * max(||W||, 1e-3)``, with the learning rate in force.
+
+    The threshold is the smaller of the two; ``coef = min(1, threshold / (n + 1e-6))`` scales every gradient. A step
+    whose norm is not finite is left untouched and changes neither ``mu`` nor the latch.
+    """
+    return ClipCallback(EmaRatio(4.0), ExplosionCap(0.1, 1.0, sgd_only=True))

@@ -56,7 +56,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks.candidates import CANDIDATES  # noqa: E402
+from benchmarks.candidates import CANDIDATES, RECOMMENDED, SHORTLIST  # noqa: E402
 from benchmarks.workloads import CONFIRMATION, SELECTION, SUITE  # noqa: E402
 
 CLIP_VALS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
@@ -66,7 +66,7 @@ HEALTHY_TOLERANCE = 0.02
 HEALTHY_ABSOLUTE = 0.01
 EXPLODING_TOLERANCE = 0.10
 QUICK_STEPS = 10
-QUICK_METHODS = ("none", "clip_val=1", "gradguard agc", "zclip", "autoclip")
+QUICK_METHODS = ("none", "clip_val=1", "gradguard agc", "zclip", "autoclip", f"candidate {RECOMMENDED}")
 SETS = {"selection": SELECTION, "confirmation": CONFIRMATION, "all": tuple(SUITE)}
 
 
@@ -87,8 +87,14 @@ def method_names() -> list[str]:
     ]
 
 
-def default_methods() -> list[str]:
-    return [m for m in method_names() if m != PACKAGE_DEFAULT]
+def default_methods(candidates: str = "shortlist") -> list[str]:
+    """Every method but ``gradguard default``, with the shortlisted candidates or (``"all"``) every one."""
+    chosen = CANDIDATES if candidates == "all" else SHORTLIST
+    return [
+        m
+        for m in method_names()
+        if m != PACKAGE_DEFAULT and (not m.startswith("candidate ") or m.split(" ", 1)[1] in chosen)
+    ]
 
 
 def _autoclip_callback() -> Any:
@@ -259,12 +265,15 @@ def summary_rows(verdict: dict[str, Any], workloads: Sequence[str], methods: Seq
                 "exploding_met": sum(cells[w]["met"] for w in exploding if w in cells),
                 "exploding_n": sum(w in cells for w in exploding),
                 "diverged": sum(cells[w]["diverged"] for w in [*healthy, *exploding] if w in cells),
-                "worst": max(v for v in (h_regret, e_regret) if not math.isnan(v)),
+                "worst": max((v for v in (h_regret, e_regret) if not math.isnan(v)), default=math.nan),
             }
         )
-    return sorted(
-        rows, key=lambda r: (r["healthy_met"] + r["exploding_met"] < r["healthy_n"] + r["exploding_n"], r["worst"])
-    )
+
+    def rank(row: dict[str, Any]) -> tuple[bool, float]:
+        missed = row["healthy_met"] + row["exploding_met"] < row["healthy_n"] + row["exploding_n"]
+        return missed, math.inf if math.isnan(row["worst"]) else row["worst"]
+
+    return sorted(rows, key=rank)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -367,11 +376,17 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     parser.add_argument("--workloads", nargs="+", default=None, choices=list(SUITE), help="instead of --set")
     parser.add_argument("--methods", nargs="+", default=None, help="a subset of: " + ", ".join(method_names()))
     parser.add_argument("--add", nargs="+", default=[], help="methods run on top of the default list")
+    parser.add_argument(
+        "--candidates", choices=("shortlist", "all"), default="shortlist", help="candidates of the default list"
+    )
     parser.add_argument("--jobs", type=int, default=1, help="worker processes, one CPU thread each")
     parser.add_argument("--json", type=Path, default=None, help="write every run's result to this file")
     parser.add_argument("--markdown", type=Path, default=None, help="write the report to this file")
+    parser.add_argument(
+        "--section", default="outcomes", help="the report goes between <!-- SECTION:start --> and <!-- SECTION:end -->"
+    )
     args = parser.parse_args(argv)
-    methods = list(args.methods or (QUICK_METHODS if args.quick else default_methods()))
+    methods = list(args.methods or (QUICK_METHODS if args.quick else default_methods(args.candidates)))
     methods += [m for m in args.add if m not in methods]
     unknown = [m for m in methods if m not in method_names()]
     if unknown:
@@ -403,27 +418,25 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     wall = time.perf_counter() - start
     order = {case[:3]: i for i, case in enumerate(cases)}
     results.sort(key=lambda r: order[(r["workload"], r["method"], r["seed"])])
-    body = report(results, workloads, methods)
-    print(f"\ntotal wall time: {wall:.0f} s\n\n{body}")
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(results, indent=0))
+    body = report(results, workloads, methods)
+    print(f"\ntotal wall time: {wall:.0f} s\n\n{body}")
     if args.markdown is not None:
         command = shlex.join(["python", "benchmarks/outcomes.py", *(argv if argv is not None else sys.argv[1:])])
         measured = (
             f"Measured {datetime.date.today().isoformat()} with `{command}`: {len(cases)} runs in"
             f" {wall / 60:.0f} minutes of wall time on {args.jobs} worker processes (one thread each), {environment()}."
         )
-        write_report(args.markdown, f"{measured}\n\n{body}")
+        write_report(args.markdown, f"{measured}\n\n{body}", args.section)
     return results
 
 
-MARKERS = ("<!-- outcomes:start -->", "<!-- outcomes:end -->")
-
-
-def write_report(path: Path, text: str) -> None:
-    """Write ``text`` between the markers of ``path``, keeping what is around them (a new file gets a title)."""
-    start, end = MARKERS
+def write_report(path: Path, text: str, section: str = "outcomes") -> None:
+    """Write ``text`` between the markers of ``section`` in ``path``, keeping what is around them (markers missing
+    from the file are added at its end; a new file gets a title)."""
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
     old = path.read_text() if path.exists() else f"# Clipping outcomes\n\n{start}\n{end}\n"
     if start not in old or end not in old:
         old = f"{old.rstrip()}\n\n{start}\n{end}\n"

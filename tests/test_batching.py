@@ -39,7 +39,22 @@ def batching(monkeypatch):
 def _params(seed: int = 0) -> list[nn.Parameter]:
     """Shapes with batches (three or more alike), singles, a 0-d tensor and a 3-d one, in mixed order."""
     gen = torch.Generator().manual_seed(seed)
-    shapes = [(8, 4), (4,), (8, 4), (3, 2, 2), (4,), (8, 4), (5, 5), (4,), (3, 2, 2), (), (3, 2, 2), (8, 4), (4,), (600,)]
+    shapes = [
+        (8, 4),
+        (4,),
+        (8, 4),
+        (3, 2, 2),
+        (4,),
+        (8, 4),
+        (5, 5),
+        (4,),
+        (3, 2, 2),
+        (),
+        (3, 2, 2),
+        (8, 4),
+        (4,),
+        (600,),
+    ]
     return [nn.Parameter(torch.randn(s, generator=gen)) for s in shapes]
 
 
@@ -83,8 +98,10 @@ def test_batched_path_gives_the_bits_of_the_per_tensor_path(method, batching):
         assert any(views.small for views in _BoundViews._cache.values())
     for step, (got, want) in enumerate(zip(grads, expected_grads)):
         for g, w in zip(got, want):
-            assert torch.equal(g, w) or (torch.isnan(g) == torch.isnan(w)).all() and torch.equal(
-                g.nan_to_num(0.0), w.nan_to_num(0.0)
+            assert (
+                torch.equal(g, w)
+                or (torch.isnan(g) == torch.isnan(w)).all()
+                and torch.equal(g.nan_to_num(0.0), w.nan_to_num(0.0))
             ), f"step {step}"
     for got, want in zip(results, expected_results):
         for a, b in zip(got, want):

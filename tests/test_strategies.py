@@ -18,8 +18,11 @@ CALLBACKS = [GradientNormMonitor, GradientClipping, ExplosionGuard, GradientQuan
 @pytest.mark.parametrize("callback", CALLBACKS, ids=lambda c: c.__name__)
 def test_fsdp1_is_refused_with_the_fsdp2_alternative(callback):
     trainer = SimpleNamespace(strategy=FSDPStrategy())
-    with pytest.raises(RuntimeError, match=rf"{callback.__name__} does not support FSDPStrategy \(FSDP1\).*"
-                                           r"ModelParallelStrategy\(data_parallel_size=N\)"):
+    with pytest.raises(
+        RuntimeError,
+        match=rf"{callback.__name__} does not support FSDPStrategy \(FSDP1\).*"
+        r"ModelParallelStrategy\(data_parallel_size=N\)",
+    ):
         callback().setup(trainer, None, "fit")
 
 
