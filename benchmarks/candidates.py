@@ -72,7 +72,7 @@ class Rule:
         raise NotImplementedError
 
     def observe(self, step: Step, clipped_norm: Tensor) -> None:
-        """Update the state with the norm the optimizer got (only called state-free rules may ignore it)."""
+        """Update the state with the norm the optimizer got (after clipping); rules without state ignore it."""
 
 
 class UpdateBound(Rule):

@@ -29,8 +29,10 @@ Each run uses one CPU thread, in a pool of ``--jobs`` worker processes.
 
     python benchmarks/outcomes.py --jobs 2 --markdown docs/results/outcomes.md --json benchmarks/results/outcomes.json
     python benchmarks/outcomes.py --quick --jobs 2       # a smoke run: few steps, one seed, a few methods
-    python benchmarks/outcomes.py --set selection --methods none "candidate relative_zscore" --jobs 2
-    python benchmarks/outcomes.py --jobs 2 --add "gradguard default"   # also the package's GradientClipping()
+    python benchmarks/outcomes.py --set selection --methods none "candidate zscore_relative" --jobs 2
+    python benchmarks/outcomes.py --set selection --candidates all --jobs 2   # every candidate tried
+    python benchmarks/outcomes.py --jobs 2 --add "gradguard default" --reuse benchmarks/results/outcomes.json \\
+        --json benchmarks/results/outcomes.json --markdown docs/results/outcomes.md   # adds GradientClipping()
 """
 
 from __future__ import annotations
@@ -177,7 +179,7 @@ def run_case(workload: str, method: str, seed: int, steps: int) -> dict[str, Any
         "divergence_threshold": float(module.divergence_threshold),
         "diverged": bool(result["diverged"] or error is not None),
         "error": error,
-        "seconds": seconds,
+        "seconds": round(seconds, 2),
         "clipped_steps": next((cb.clipped_steps() for cb in callbacks if hasattr(cb, "clipped_steps")), None),
     }
 
@@ -315,9 +317,10 @@ def workload_table(
     out = [
         f"#### {workload} ({spec.kind}, {spec.family}, {spec.steps} steps)",
         "",
-        f"{spec.description}. Reference: `{reference['label']}`, mean {_num(reference['loss'])}.",
+        f"{spec.description}. Reference: `{reference['label']}`, mean {_num(reference['loss'])}. Scored: a diverged"
+        f" seed counts as {_num(_threshold(results, workload))}, the divergence threshold.",
         "",
-        "| method | mean held-out loss | per seed | diverged | regret | s / run |",
+        "| method | mean held-out loss (scored) | per seed | diverged | regret | s / run |",
         "| --- | ---: | --- | ---: | ---: | ---: |",
     ]
     for m in methods:
@@ -325,14 +328,17 @@ def workload_table(
         if not rows:
             continue
         cell = verdict["cells"][m][workload]
-        mean = statistics.fmean(r["final_loss"] for r in rows)
         seeds = ", ".join(_num(r["final_loss"]) for r in rows)
         seconds = statistics.fmean(r["seconds"] for r in rows)
         out.append(
-            f"| {m} | {_num(mean)} | {seeds} | {cell['diverged']}/{len(rows)} | {_pct(cell['regret'])} |"
+            f"| {m} | {_num(cell['mean'])} | {seeds} | {cell['diverged']}/{len(rows)} | {_pct(cell['regret'])} |"
             f" {seconds:.1f} |"
         )
     return "\n".join(out)
+
+
+def _threshold(results: list[dict[str, Any]], workload: str) -> float:
+    return next((r["divergence_threshold"] for r in results if r["workload"] == workload), math.nan)
 
 
 def report(results: list[dict[str, Any]], workloads: Sequence[str], methods: Sequence[str]) -> str:
@@ -345,7 +351,8 @@ def report(results: list[dict[str, Any]], workloads: Sequence[str], methods: Seq
         verdict = judge(results, chosen, methods)
         out += [f"### {set_name}: {', '.join(chosen)}", "", summary_table(summary_rows(verdict, chosen, methods)), ""]
     verdict = judge(results, workloads, methods)
-    out += ["### All workloads", "", summary_table(summary_rows(verdict, workloads, methods)), ""]
+    if not (set(workloads) <= set(SELECTION) or set(workloads) <= set(CONFIRMATION)):
+        out += ["### All workloads", "", summary_table(summary_rows(verdict, workloads, methods)), ""]
     out += ["### Per workload", ""]
     for w in workloads:
         out += [workload_table(results, verdict, w, methods), ""]
@@ -381,6 +388,9 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     )
     parser.add_argument("--jobs", type=int, default=1, help="worker processes, one CPU thread each")
     parser.add_argument("--json", type=Path, default=None, help="write every run's result to this file")
+    parser.add_argument(
+        "--reuse", type=Path, default=None, help="a --json file of the same code: its runs are not run again"
+    )
     parser.add_argument("--markdown", type=Path, default=None, help="write the report to this file")
     parser.add_argument(
         "--section", default="outcomes", help="the report goes between <!-- SECTION:start --> and <!-- SECTION:end -->"
@@ -401,36 +411,49 @@ def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
         for w in workloads
         for m in methods
     ]
-    print(f"{len(cases)} runs on {args.jobs} worker processes", flush=True)
-    results = []
+    # results of earlier runs of the same cases, when asked for: only valid while the code they ran is unchanged
+    reused = {}
+    if args.reuse is not None:
+        for r in json.loads(args.reuse.read_text()):
+            reused[(r["workload"], r["method"], r["seed"], r["steps"])] = r
+    results = [reused[case] for case in cases if case in reused]
+    to_run = [case for case in cases if case not in reused]
+    print(f"{len(to_run)} runs on {args.jobs} worker processes ({len(results)} reused)", flush=True)
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        futures = [pool.submit(run_case, *case) for case in cases]
-        for future in as_completed(futures):
+        futures = [pool.submit(run_case, *case) for case in to_run]
+        for i, future in enumerate(as_completed(futures), 1):
             r = future.result()
             results.append(r)
             print(
-                f"[{len(results)}/{len(cases)}] {r['workload']:<24} {r['method']:<30} seed {r['seed']}:"
+                f"[{i}/{len(to_run)}] {r['workload']:<24} {r['method']:<30} seed {r['seed']}:"
                 f" loss {r['final_loss']:.4g} {'DIVERGED' if r['diverged'] else 'ok'} ({r['seconds']:.1f} s)"
                 + (f" {r['error']}" if r["error"] else ""),
                 flush=True,
             )
     wall = time.perf_counter() - start
-    order = {case[:3]: i for i, case in enumerate(cases)}
-    results.sort(key=lambda r: order[(r["workload"], r["method"], r["seed"])])
+    order = {case: i for i, case in enumerate(cases)}
+    results.sort(key=lambda r: order[(r["workload"], r["method"], r["seed"], r["steps"])])
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(results, indent=0))
+        args.json.write_text(dump_results(results))
     body = report(results, workloads, methods)
     print(f"\ntotal wall time: {wall:.0f} s\n\n{body}")
     if args.markdown is not None:
         command = shlex.join(["python", "benchmarks/outcomes.py", *(argv if argv is not None else sys.argv[1:])])
         measured = (
-            f"Measured {datetime.date.today().isoformat()} with `{command}`: {len(cases)} runs in"
-            f" {wall / 60:.0f} minutes of wall time on {args.jobs} worker processes (one thread each), {environment()}."
+            f"Measured {datetime.date.today().isoformat()} with `{command}`: {len(to_run)} runs in"
+            f" {wall / 60:.0f} minutes of wall time on {args.jobs} worker processes (one thread each)"
+            + (f", {len(cases) - len(to_run)} runs reused from `{args.reuse}`" if args.reuse else "")
+            + f"; {environment()}."
         )
         write_report(args.markdown, f"{measured}\n\n{body}", args.section)
     return results
+
+
+def dump_results(results: list[dict[str, Any]]) -> str:
+    """One run per line: small, and a rerun's changes show as line diffs."""
+    return "[\n" + ",\n".join(json.dumps(r, separators=(",", ":")) for r in results) + "\n]\n"
 
 
 def write_report(path: Path, text: str, section: str = "outcomes") -> None:

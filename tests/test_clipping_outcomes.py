@@ -76,7 +76,9 @@ def test_judging_against_no_clipping_and_the_best_clip_value():
 
 def test_quick_run_writes_json_and_the_report(tmp_path, capsys):
     json_path, report = tmp_path / "results.json", tmp_path / "outcomes.md"
-    report.write_text("# Outcomes\n\nwritten by hand\n\n<!-- outcomes:start -->\nold\n<!-- outcomes:end -->\ntail\n")
+    report.write_text(
+        "# Outcomes\n\nwritten by hand\n\n<!-- outcomes:start -->\nstale report\n<!-- outcomes:end -->\ntail\n"
+    )
     methods = ["none", "clip_val=1", "zclip", "autoclip", f"candidate {RECOMMENDED}"]
     argv = ["--quick", "--workloads", "mlp_blobs", "deep_mlp", "--methods", *methods, "--jobs", "1"]
     outcomes.main([*argv, "--json", str(json_path), "--markdown", str(report)])
@@ -89,7 +91,7 @@ def test_quick_run_writes_json_and_the_report(tmp_path, capsys):
     assert all(r["steps"] == outcomes.QUICK_STEPS and r["seed"] == 0 for r in results)
     text = report.read_text()
     assert text.startswith("# Outcomes\n\nwritten by hand\n") and text.endswith("<!-- outcomes:end -->\ntail\n")
-    assert "old" not in text and "python benchmarks/outcomes.py --quick" in text
+    assert "stale report" not in text and "python benchmarks/outcomes.py --quick" in text
     for method in methods:
         assert f"| {method} |" in out and f"| {method} |" in text
 
