@@ -1,41 +1,56 @@
-"""Outcome benchmark: does each clipping method rescue the example workloads that explode?
+"""Clipping outcome suite: does a clipping method leave healthy runs alone and rescue exploding ones?
 
-Every workload of ``examples/workloads.py`` is trained with every method below, from the same initial weights and
-batches for a given seed, and judged on its held-out set (``examples.workloads.evaluate``): final loss, and
-whether the run diverged (non-finite weights or loss, or a loss above the workload's divergence threshold, which
-is what a model that learned nothing scores).
+Every workload of ``benchmarks/workloads.py`` is trained with every method below, from the same initial weights and
+batches for a given seed, with the real ``lightning.Trainer.fit`` on the CPU (no logger, no checkpoints, no
+progress bar), and judged on its held-out set: the final loss, and whether the run diverged (non-finite weights or
+loss, a loss above the workload's divergence threshold, or an exception).
 
 Methods:
 
 - ``none``: no clipping.
-- ``clip_val=<c>``: Lightning's ``Trainer(gradient_clip_val=c)`` at three fixed thresholds.
-- ``gradguard <method>``: ``GradientClipping(method)`` at its defaults, for every method that has defaults
-  (``"norm"`` and ``"value"`` need a threshold: the fixed rows stand for them).
-- ``gradguard defaults``: ``GradientClipping()`` + ``ExplosionGuard()``, the recommended start.
-- ``zclip``: ``zclip.ZClipLightningCallback()`` at its defaults, when the ``zclip`` package is installed.
-- ``autoclip``: ``autoclip.torch.QuantileClip`` at its defaults (per-parameter 0.9-quantile of each parameter's
-  norm history), stepped in ``on_before_optimizer_step``, when the ``autoclip`` package is installed.
+- ``clip_val=<c>``: Lightning's ``Trainer(gradient_clip_val=c)`` for c in 0.01, 0.03, 0.1, 0.3, 1, 3, 10.
+- ``gradguard <m>``: ``GradientClipping(m)`` at its defaults, for m in zscore, quantile, agc, adagc.
+- ``gradguard default``: ``GradientClipping()``, the package's default (only when asked for: ``--add``).
+- ``zclip``: ``zclip.ZClipLightningCallback()`` at its defaults.
+- ``autoclip``: ``autoclip.torch.QuantileClip`` at its defaults, stepped in ``on_before_optimizer_step``.
+- ``candidate <name>``: the rules of ``benchmarks/candidates.py``.
 
-Each run uses one CPU thread and runs in a pool of ``--jobs`` worker processes; a run that stops with an exception
-(e.g. ``GradientExplosionError`` from the guard) counts as diverged. Prints a markdown table per workload: the
-median held-out loss over seeds, the number of diverged seeds, and the mean wall time of a run.
+Judging, per set of workloads (selection and confirmation are reported separately), on the mean held-out loss over
+seeds, where a diverged seed counts as a run that learned nothing (its loss is the workload's divergence threshold):
 
-    python benchmarks/outcomes.py            # the full benchmark (about 8 minutes on 2 quiet cores)
-    python benchmarks/outcomes.py --quick    # a smoke run: few steps, one seed
+- healthy regret: the relative excess over ``none``; the goal on every healthy workload is no diverged seed and an
+  excess of at most 2% or 0.01 absolute;
+- exploding regret: the relative excess over the best ``clip_val`` of the sweep (the lowest mean among the values
+  with no diverged seed); the goal on every exploding workload is no diverged seed and an excess of at most 10%;
+- worst-case regret: the larger of the two. Methods meeting both goals everywhere come first, then the rest by
+  their worst-case regret, smallest first.
+
+Each run uses one CPU thread, in a pool of ``--jobs`` worker processes.
+
+    python benchmarks/outcomes.py --jobs 2 --markdown docs/results/outcomes.md --json benchmarks/results/outcomes.json
+    python benchmarks/outcomes.py --quick --jobs 2       # a smoke run: few steps, one seed, a few methods
+    python benchmarks/outcomes.py --set selection --methods none "candidate zscore_relative" --jobs 2
+    python benchmarks/outcomes.py --set selection --candidates all --jobs 2   # every candidate tried
+    python benchmarks/outcomes.py --jobs 2 --add "gradguard default" --reuse benchmarks/results/outcomes.json \\
+        --json benchmarks/results/outcomes.json --markdown docs/results/outcomes.md   # adds GradientClipping()
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import datetime
 import json
+import logging
 import math
 import os
+import platform
+import shlex
 import statistics
 import sys
 import time
 import warnings
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Optional
 
@@ -43,33 +58,56 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-# optimizer steps per run: enough for the unguarded runs to fail and the guarded ones to learn, sized so that the
-# whole benchmark (3 workloads x 11 methods x 3 seeds) takes about 8 minutes on 2 quiet cores
-STEPS = {"rnn": 300, "transformer": 150, "mlp": 300}
-QUICK_STEPS = 10
-CLIP_VALS = (0.1, 1.0, 10.0)
+from benchmarks.candidates import CANDIDATES, RECOMMENDED, SHORTLIST  # noqa: E402
+from benchmarks.workloads import CONFIRMATION, SELECTION, SUITE  # noqa: E402
+
+CLIP_VALS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 GRADGUARD_METHODS = ("zscore", "quantile", "agc", "adagc")
+PACKAGE_DEFAULT = "gradguard default"
+HEALTHY_TOLERANCE = 0.02
+HEALTHY_ABSOLUTE = 0.01
+EXPLODING_TOLERANCE = 0.10
+QUICK_STEPS = 10
+QUICK_METHODS = ("none", "clip_val=1", "gradguard agc", "zclip", "autoclip", f"candidate {RECOMMENDED}")
+SETS = {"selection": SELECTION, "confirmation": CONFIRMATION, "all": tuple(SUITE)}
+
+
+def clip_val_name(value: float) -> str:
+    return f"clip_val={value:g}"
 
 
 def method_names() -> list[str]:
-    names = ["none", *(f"clip_val={c:g}" for c in CLIP_VALS), *(f"gradguard {m}" for m in GRADGUARD_METHODS)]
-    names.append("gradguard defaults")
-    names += [peer for peer in ("zclip", "autoclip") if importlib.util.find_spec(peer) is not None]
-    return names
+    """Every method the suite can run, in table order (``gradguard default`` last)."""
+    return [
+        "none",
+        *(clip_val_name(c) for c in CLIP_VALS),
+        *(f"gradguard {m}" for m in GRADGUARD_METHODS),
+        "zclip",
+        "autoclip",
+        *(f"candidate {name}" for name in CANDIDATES),
+        PACKAGE_DEFAULT,
+    ]
+
+
+def default_methods(candidates: str = "shortlist") -> list[str]:
+    """Every method but ``gradguard default``, with the shortlisted candidates or (``"all"``) every one."""
+    chosen = CANDIDATES if candidates == "all" else SHORTLIST
+    return [
+        m
+        for m in method_names()
+        if m != PACKAGE_DEFAULT and (not m.startswith("candidate ") or m.split(" ", 1)[1] in chosen)
+    ]
 
 
 def _autoclip_callback() -> Any:
     """AutoClip's own ``QuantileClip`` (defaults) applied where Lightning lets a callback touch the gradients."""
     from autoclip.torch import QuantileClip
     from lightning.pytorch.callbacks import Callback
-    from typing_extensions import override
 
     class AutoClipCallback(Callback):
-        @override
         def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
             self.clipper = QuantileClip(pl_module.parameters())
 
-        @override
         def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
             self.clipper.step()
 
@@ -78,40 +116,39 @@ def _autoclip_callback() -> Any:
 
 def trainer_setup(method: str) -> tuple[Optional[float], list[Any]]:
     """``(gradient_clip_val, callbacks)`` of one method."""
-    from lightning_gradguard.callbacks.clipping import GradientClipping
-    from lightning_gradguard.callbacks.guard import ExplosionGuard
-
     if method == "none":
         return None, []
     if method.startswith("clip_val="):
         return float(method.split("=", 1)[1]), []
-    if method == "gradguard defaults":
-        return None, [GradientClipping(), ExplosionGuard()]
     if method.startswith("gradguard "):
-        return None, [GradientClipping(method.split(" ", 1)[1])]
+        from lightning_gradguard import GradientClipping
+
+        rule = method.split(" ", 1)[1]
+        return None, [GradientClipping() if method == PACKAGE_DEFAULT else GradientClipping(rule)]
     if method == "zclip":
         from zclip import ZClipLightningCallback
 
         return None, [ZClipLightningCallback()]
     if method == "autoclip":
         return None, [_autoclip_callback()]
+    if method.startswith("candidate ") and method.split(" ", 1)[1] in CANDIDATES:
+        return None, [CANDIDATES[method.split(" ", 1)[1]]()]
     raise ValueError(f"Expected `method` to be one of {method_names()} but got {method!r}")
 
 
 def run_case(workload: str, method: str, seed: int, steps: int) -> dict[str, Any]:
     """Train one (workload, method, seed) and judge it; runs in a worker process."""
-    import logging
-
     import lightning as L
     import torch
 
-    from examples.workloads import build_workload, evaluate
+    from benchmarks.workloads import build
+    from examples.workloads import evaluate
 
     torch.set_num_threads(1)
     for name in ("lightning.pytorch", "lightning.fabric", "lightning_gradguard"):
         logging.getLogger(name).setLevel(logging.ERROR)
     warnings.filterwarnings("ignore")
-    module, datamodule = build_workload(workload, size="test", seed=seed)
+    module, datamodule = build(workload, seed)
     clip_val, callbacks = trainer_setup(method)
     trainer = L.Trainer(
         accelerator="cpu",
@@ -129,7 +166,7 @@ def run_case(workload: str, method: str, seed: int, steps: int) -> dict[str, Any
     start = time.perf_counter()
     try:
         trainer.fit(module, datamodule)
-    except Exception as err:  # a run that stops (the guard giving up, a peer crashing) is a failed run
+    except Exception as err:  # a run that stops (a peer crashing on a NaN) is a failed run
         error = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"
     seconds = time.perf_counter() - start
     result = evaluate(module, datamodule)
@@ -139,81 +176,297 @@ def run_case(workload: str, method: str, seed: int, steps: int) -> dict[str, Any
         "seed": seed,
         "steps": trainer.global_step,
         "final_loss": result["final_loss"],
+        "divergence_threshold": float(module.divergence_threshold),
         "diverged": bool(result["diverged"] or error is not None),
         "error": error,
-        "seconds": seconds,
+        "seconds": round(seconds, 2),
+        "clipped_steps": next((cb.clipped_steps() for cb in callbacks if hasattr(cb, "clipped_steps")), None),
     }
 
 
-def summarise(results: list[dict[str, Any]], workloads: list[str], methods: list[str]) -> str:
-    """One markdown table per workload: median held-out loss, diverged seeds, mean seconds per run."""
-    from examples.workloads import WORKLOADS
+# ---------------------------------------------------------------------------------------------------------------
+# judging
+# ---------------------------------------------------------------------------------------------------------------
 
-    out = []
-    for workload in workloads:
-        threshold = WORKLOADS[workload][0].divergence_threshold
-        out += [
-            f"**{workload}** (diverged: held-out loss not finite or above {threshold:.3g})",
-            "",
-            "| method | median held-out loss | diverged | s / run |",
-            "| --- | ---: | ---: | ---: |",
-        ]
-        for method in methods:
-            rows = [r for r in results if r["workload"] == workload and r["method"] == method]
+
+def _scored_loss(run: dict[str, Any]) -> float:
+    """The held-out loss a run is judged by: a diverged run counts as one that learned nothing (its loss is the
+    workload's divergence threshold), so that regrets stay comparable."""
+    return run["divergence_threshold"] if run["diverged"] else run["final_loss"]
+
+
+def _mean_loss(rows: list[dict[str, Any]]) -> float:
+    return statistics.fmean(_scored_loss(r) for r in rows) if rows else math.nan
+
+
+def judge(results: list[dict[str, Any]], workloads: Sequence[str], methods: Sequence[str]) -> dict[str, Any]:
+    """Per method and workload: mean scored loss, diverged seeds, regret against the reference, regret over the
+    goal's tolerance (``ratio``) and whether the goal is met; the reference of every workload."""
+    by_key: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in results:
+        by_key.setdefault((r["workload"], r["method"]), []).append(r)
+    references: dict[str, dict[str, Any]] = {}
+    for w in workloads:
+        if SUITE[w].kind == "healthy":
+            references[w] = {"label": "none", "loss": _mean_loss(by_key.get((w, "none"), []))}
+            continue
+        sweep = [(clip_val_name(c), by_key.get((w, clip_val_name(c)), [])) for c in CLIP_VALS]
+        # the best fixed value: the lowest mean among the values with no diverged seed (any value if none is clean)
+        ranked = sorted((any(r["diverged"] for r in rows), _mean_loss(rows), label) for label, rows in sweep if rows)
+        references[w] = {"label": ranked[0][2], "loss": ranked[0][1]} if ranked else {"label": "-", "loss": math.nan}
+    cells: dict[str, dict[str, dict[str, Any]]] = {}
+    for m in methods:
+        cells[m] = {}
+        for w in workloads:
+            rows = by_key.get((w, m), [])
             if not rows:
                 continue
-            losses = [r["final_loss"] if math.isfinite(r["final_loss"]) else math.inf for r in rows]
-            median = statistics.median(losses)
+            mean, ref = _mean_loss(rows), references[w]["loss"]
+            if SUITE[w].kind == "healthy":
+                tolerance = max(HEALTHY_TOLERANCE * ref, HEALTHY_ABSOLUTE)
+            else:
+                tolerance = EXPLODING_TOLERANCE * ref
             diverged = sum(r["diverged"] for r in rows)
-            seconds = statistics.mean(r["seconds"] for r in rows)
-            loss_text = f"{median:.4g}" if math.isfinite(median) else "nan/inf"
-            out.append(f"| {method} | {loss_text} | {diverged}/{len(rows)} | {seconds:.1f} |")
-        out.append("")
+            ratio = (mean - ref) / tolerance
+            cells[m][w] = {
+                "mean": mean,
+                "diverged": diverged,
+                "regret": (mean - ref) / ref,
+                "ratio": ratio,
+                "met": diverged == 0 and ratio <= 1,
+            }
+    return {"references": references, "cells": cells}
+
+
+def _worst(cells: dict[str, dict[str, Any]], names: list[str], key: str) -> tuple[float, str]:
+    values = [(cells[w][key], w) for w in names if w in cells]
+    return max(values) if values else (math.nan, "")
+
+
+def summary_rows(verdict: dict[str, Any], workloads: Sequence[str], methods: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per method: worst healthy and exploding regret, goals met, worst-case regret; the methods that meet
+    both goals everywhere first, then the rest by their worst-case regret."""
+    healthy = [w for w in workloads if SUITE[w].kind == "healthy"]
+    exploding = [w for w in workloads if SUITE[w].kind == "exploding"]
+    rows = []
+    for m in methods:
+        cells = verdict["cells"][m]
+        if not cells:
+            continue
+        h_regret, h_where = _worst(cells, healthy, "regret")
+        e_regret, e_where = _worst(cells, exploding, "regret")
+        rows.append(
+            {
+                "method": m,
+                "healthy_regret": h_regret,
+                "healthy_where": h_where,
+                "healthy_met": sum(cells[w]["met"] for w in healthy if w in cells),
+                "healthy_n": sum(w in cells for w in healthy),
+                "exploding_regret": e_regret,
+                "exploding_where": e_where,
+                "exploding_met": sum(cells[w]["met"] for w in exploding if w in cells),
+                "exploding_n": sum(w in cells for w in exploding),
+                "diverged": sum(cells[w]["diverged"] for w in [*healthy, *exploding] if w in cells),
+                "worst": max((v for v in (h_regret, e_regret) if not math.isnan(v)), default=math.nan),
+            }
+        )
+
+    def rank(row: dict[str, Any]) -> tuple[bool, float]:
+        missed = row["healthy_met"] + row["exploding_met"] < row["healthy_n"] + row["exploding_n"]
+        return missed, math.inf if math.isnan(row["worst"]) else row["worst"]
+
+    return sorted(rows, key=rank)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# markdown
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _pct(value: float) -> str:
+    return "-" if not math.isfinite(value) else f"{100 * value:+.1f}%"
+
+
+def _num(value: float) -> str:
+    if math.isnan(value):
+        return "nan"
+    return "inf" if math.isinf(value) else f"{value:.4g}"
+
+
+def summary_table(rows: list[dict[str, Any]]) -> str:
+    out = [
+        "| method | healthy regret (worst workload) | healthy goal met | exploding regret (worst workload) |"
+        " exploding goal met | diverged seeds | worst-case regret |",
+        "| --- | --- | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for r in rows:
+        healthy = f"{_pct(r['healthy_regret'])} ({r['healthy_where']})" if r["healthy_n"] else "-"
+        exploding = f"{_pct(r['exploding_regret'])} ({r['exploding_where']})" if r["exploding_n"] else "-"
+        out.append(
+            f"| {r['method']} | {healthy} | {r['healthy_met']}/{r['healthy_n']} | {exploding} |"
+            f" {r['exploding_met']}/{r['exploding_n']} | {r['diverged']} | {_pct(r['worst'])} |"
+        )
     return "\n".join(out)
 
 
-def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
-    from examples.workloads import WORKLOADS
+def workload_table(
+    results: list[dict[str, Any]], verdict: dict[str, Any], workload: str, methods: Sequence[str]
+) -> str:
+    spec = SUITE[workload]
+    reference = verdict["references"][workload]
+    out = [
+        f"#### {workload} ({spec.kind}, {spec.family}, {spec.steps} steps)",
+        "",
+        f"{spec.description}. Reference: `{reference['label']}`, mean {_num(reference['loss'])}. Scored: a diverged"
+        f" seed counts as {_num(_threshold(results, workload))}, the divergence threshold.",
+        "",
+        "| method | mean held-out loss (scored) | per seed | diverged | regret | s / run |",
+        "| --- | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for m in methods:
+        rows = sorted((r for r in results if r["workload"] == workload and r["method"] == m), key=lambda r: r["seed"])
+        if not rows:
+            continue
+        cell = verdict["cells"][m][workload]
+        seeds = ", ".join(_num(r["final_loss"]) for r in rows)
+        seconds = statistics.fmean(r["seconds"] for r in rows)
+        out.append(
+            f"| {m} | {_num(cell['mean'])} | {seeds} | {cell['diverged']}/{len(rows)} | {_pct(cell['regret'])} |"
+            f" {seconds:.1f} |"
+        )
+    return "\n".join(out)
 
+
+def _threshold(results: list[dict[str, Any]], workload: str) -> float:
+    return next((r["divergence_threshold"] for r in results if r["workload"] == workload), math.nan)
+
+
+def report(results: list[dict[str, Any]], workloads: Sequence[str], methods: Sequence[str]) -> str:
+    """Summary tables of the selection and confirmation sets (and of all workloads), then per-workload tables."""
+    out = []
+    for set_name, members in (("Selection set", SELECTION), ("Confirmation set", CONFIRMATION)):
+        chosen = [w for w in workloads if w in members]
+        if not chosen:
+            continue
+        verdict = judge(results, chosen, methods)
+        out += [f"### {set_name}: {', '.join(chosen)}", "", summary_table(summary_rows(verdict, chosen, methods)), ""]
+    verdict = judge(results, workloads, methods)
+    if not (set(workloads) <= set(SELECTION) or set(workloads) <= set(CONFIRMATION)):
+        out += ["### All workloads", "", summary_table(summary_rows(verdict, workloads, methods)), ""]
+    out += ["### Per workload", ""]
+    for w in workloads:
+        out += [workload_table(results, verdict, w, methods), ""]
+    return "\n".join(out)
+
+
+def environment() -> str:
+    import lightning
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (
+        f"{os.cpu_count()}-core CPU ({cpu}), Python {platform.python_version()}, torch {torch.__version__},"
+        f" lightning {lightning.__version__}"
+    )
+
+
+def main(argv: Optional[list[str]] = None) -> list[dict[str, Any]]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK_STEPS} steps, one seed")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per (workload, method)")
-    parser.add_argument("--workloads", nargs="+", default=sorted(WORKLOADS), choices=sorted(WORKLOADS))
+    parser.add_argument("--set", choices=sorted(SETS), default="all", help="which workloads (default: all)")
+    parser.add_argument("--workloads", nargs="+", default=None, choices=list(SUITE), help="instead of --set")
     parser.add_argument("--methods", nargs="+", default=None, help="a subset of: " + ", ".join(method_names()))
-    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="worker processes (1 thread each)")
-    parser.add_argument("--json", type=Path, default=None, help="also write every run's result to this file")
+    parser.add_argument("--add", nargs="+", default=[], help="methods run on top of the default list")
+    parser.add_argument(
+        "--candidates", choices=("shortlist", "all"), default="shortlist", help="candidates of the default list"
+    )
+    parser.add_argument("--jobs", type=int, default=1, help="worker processes, one CPU thread each")
+    parser.add_argument("--json", type=Path, default=None, help="write every run's result to this file")
+    parser.add_argument(
+        "--reuse", type=Path, default=None, help="a --json file of the same code: its runs are not run again"
+    )
+    parser.add_argument("--markdown", type=Path, default=None, help="write the report to this file")
+    parser.add_argument(
+        "--section", default="outcomes", help="the report goes between <!-- SECTION:start --> and <!-- SECTION:end -->"
+    )
     args = parser.parse_args(argv)
-    methods = args.methods or method_names()
-    unknown = sorted(set(methods) - set(method_names()))
+    methods = list(args.methods or (QUICK_METHODS if args.quick else default_methods(args.candidates)))
+    methods += [m for m in args.add if m not in methods]
+    unknown = [m for m in methods if m not in method_names()]
     if unknown:
         parser.error(f"unknown methods {unknown}; choose from {method_names()}")
+    if args.jobs < 1:
+        parser.error(f"Expected `--jobs` to be a positive integer but got {args.jobs}")
+    workloads = args.workloads or list(SETS[args.set])
     seeds = 1 if args.quick else args.seeds
     cases = [
-        (workload, method, seed, QUICK_STEPS if args.quick else STEPS[workload])
+        (w, m, seed, QUICK_STEPS if args.quick else SUITE[w].steps)
         for seed in range(seeds)
-        for workload in args.workloads
-        for method in methods
+        for w in workloads
+        for m in methods
     ]
-    print(f"{len(cases)} runs on {args.jobs} worker processes", flush=True)
-    results = []
+    # results of earlier runs of the same cases, when asked for: only valid while the code they ran is unchanged
+    reused = {}
+    if args.reuse is not None:
+        for r in json.loads(args.reuse.read_text()):
+            reused[(r["workload"], r["method"], r["seed"], r["steps"])] = r
+    results = [reused[case] for case in cases if case in reused]
+    to_run = [case for case in cases if case not in reused]
+    print(f"{len(to_run)} runs on {args.jobs} worker processes ({len(results)} reused)", flush=True)
     start = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.jobs) as pool:
-        for result in pool.map(run_case, *zip(*cases)):
-            results.append(result)
-            status = "DIVERGED" if result["diverged"] else "ok"
+        futures = [pool.submit(run_case, *case) for case in to_run]
+        for i, future in enumerate(as_completed(futures), 1):
+            r = future.result()
+            results.append(r)
             print(
-                f"[{len(results)}/{len(cases)}] {result['workload']:<11} {result['method']:<18} seed {result['seed']}:"
-                f" loss {result['final_loss']:.4g} {status} ({result['seconds']:.1f} s)"
-                + (f" {result['error']}" if result["error"] else ""),
+                f"[{i}/{len(to_run)}] {r['workload']:<24} {r['method']:<30} seed {r['seed']}:"
+                f" loss {r['final_loss']:.4g} {'DIVERGED' if r['diverged'] else 'ok'} ({r['seconds']:.1f} s)"
+                + (f" {r['error']}" if r["error"] else ""),
                 flush=True,
             )
-    steps = ", ".join(f"{w} {QUICK_STEPS if args.quick else STEPS[w]}" for w in args.workloads)
-    print(f"\noptimizer steps per run: {steps}")
-    print(f"total wall time: {time.perf_counter() - start:.0f} s\n")
-    print(summarise(results, args.workloads, methods))
+    wall = time.perf_counter() - start
+    order = {case: i for i, case in enumerate(cases)}
+    results.sort(key=lambda r: order[(r["workload"], r["method"], r["seed"], r["steps"])])
     if args.json is not None:
-        args.json.write_text(json.dumps(results, indent=1))
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(dump_results(results))
+    body = report(results, workloads, methods)
+    print(f"\ntotal wall time: {wall:.0f} s\n\n{body}")
+    if args.markdown is not None:
+        command = shlex.join(["python", "benchmarks/outcomes.py", *(argv if argv is not None else sys.argv[1:])])
+        measured = (
+            f"Measured {datetime.date.today().isoformat()} with `{command}`: {len(to_run)} runs in"
+            f" {wall / 60:.0f} minutes of wall time on {args.jobs} worker processes (one thread each)"
+            + (f", {len(cases) - len(to_run)} runs reused from `{args.reuse}`" if args.reuse else "")
+            + f"; {environment()}."
+        )
+        write_report(args.markdown, f"{measured}\n\n{body}", args.section)
     return results
+
+
+def dump_results(results: list[dict[str, Any]]) -> str:
+    """One run per line: small, and a rerun's changes show as line diffs."""
+    return "[\n" + ",\n".join(json.dumps(r, separators=(",", ":")) for r in results) + "\n]\n"
+
+
+def write_report(path: Path, text: str, section: str = "outcomes") -> None:
+    """Write ``text`` between the markers of ``section`` in ``path``, keeping what is around them (markers missing
+    from the file are added at its end; a new file gets a title)."""
+    start, end = f"<!-- {section}:start -->", f"<!-- {section}:end -->"
+    old = path.read_text() if path.exists() else f"# Clipping outcomes\n\n{start}\n{end}\n"
+    if start not in old or end not in old:
+        old = f"{old.rstrip()}\n\n{start}\n{end}\n"
+    before, rest = old.split(start, 1)
+    after = rest.split(end, 1)[1]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{before}{start}\n{text.rstrip()}\n{end}{after}")
 
 
 if __name__ == "__main__":

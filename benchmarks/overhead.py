@@ -115,8 +115,9 @@ def kernel_benchmark(blocks: int, width: int, rounds: int, device: str = "cpu") 
 
     n_params = sum(p.numel() for p in params)
     where = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    print(f"model: {len(params)} parameter tensors, {n_params / 1e6:.2f}M parameters, torch {torch.__version__}, "
-          f"{where}")
+    print(
+        f"model: {len(params)} parameter tensors, {n_params / 1e6:.2f}M parameters, torch {torch.__version__}, {where}"
+    )
     cases: dict[str, Callable[[], None]] = {
         "clip_grad_norm_ (baseline)": lambda: torch.nn.utils.clip_grad_norm_(params, 1.0),
         "GradientNormMonitor step": monitor_case(params, names),
@@ -135,8 +136,10 @@ def kernel_benchmark(blocks: int, width: int, rounds: int, device: str = "cpu") 
     norm_bytes = flat.numel() * flat.element_size()
     norm_bw = norm_bytes / medians["grad_norms (norm engine)"]
     copy_bw = 2 * norm_bytes / copy_med  # a copy reads and writes every byte
-    print(f"\nmemory: norm reads {norm_bw / 1e9:.2f} GB/s; a plain copy of the same bytes moves {copy_bw / 1e9:.2f} GB/s "
-          f"(norm at {norm_bw / copy_bw:.0%} of copy bandwidth)")
+    print(
+        f"\nmemory: norm reads {norm_bw / 1e9:.2f} GB/s; a plain copy of the same bytes moves {copy_bw / 1e9:.2f} GB/s "
+        f"(norm at {norm_bw / copy_bw:.0%} of copy bandwidth)"
+    )
     return medians
 
 
@@ -216,8 +219,13 @@ def fit_overhead(
                 monitor = timed(GradientNormMonitor)()
                 callbacks: list[Callback] = [timer] + ([monitor] if with_monitor else [])
                 trainer = L.Trainer(
-                    max_steps=steps, accelerator=accelerator, logger=TensorBoardLogger(tmp), callbacks=callbacks,
-                    enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                    max_steps=steps,
+                    accelerator=accelerator,
+                    logger=TensorBoardLogger(tmp),
+                    callbacks=callbacks,
+                    enable_progress_bar=False,
+                    enable_model_summary=False,
+                    enable_checkpointing=False,
                     log_every_n_steps=50,
                 )
                 trainer.fit(Regressor(), data)
@@ -227,10 +235,12 @@ def fit_overhead(
                         hook_times.extend(monitor.hook_times[5:])
     without, with_ = statistics.median(per_step[False]), statistics.median(per_step[True])
     in_hooks = sum(hook_times) / sum(per_step[True])
-    print(f"\nTrainer.fit step, batch {batch_size}: {without * 1e3:.2f} ms without, {with_ * 1e3:.2f} ms with "
-          f"GradientNormMonitor (median of {len(per_step[True])} steps each: {with_ / without - 1:+.1%}, "
-          f"within run-to-run noise); time inside the monitor's hooks: {statistics.mean(hook_times) * 1e3:.2f} ms "
-          f"per step = {in_hooks:.1%} of the step time (flushes included)")
+    print(
+        f"\nTrainer.fit step, batch {batch_size}: {without * 1e3:.2f} ms without, {with_ * 1e3:.2f} ms with "
+        f"GradientNormMonitor (median of {len(per_step[True])} steps each: {with_ / without - 1:+.1%}, "
+        f"within run-to-run noise); time inside the monitor's hooks: {statistics.mean(hook_times) * 1e3:.2f} ms "
+        f"per step = {in_hooks:.1%} of the step time (flushes included)"
+    )
     return in_hooks
 
 
@@ -281,20 +291,30 @@ def fit_clipping_vs_lightning(blocks: int, width: int, steps: int, repeats: int,
                 torch.manual_seed(0)
                 module = Regressor()
                 trainer = L.Trainer(
-                    max_steps=steps, accelerator=accelerator, logger=TensorBoardLogger(tmp), gradient_clip_val=clip_val,
-                    callbacks=[callback] if callback is not None else [], enable_progress_bar=False,
-                    enable_model_summary=False, enable_checkpointing=False, log_every_n_steps=50,
+                    max_steps=steps,
+                    accelerator=accelerator,
+                    logger=TensorBoardLogger(tmp),
+                    gradient_clip_val=clip_val,
+                    callbacks=[callback] if callback is not None else [],
+                    enable_progress_bar=False,
+                    enable_model_summary=False,
+                    enable_checkpointing=False,
+                    log_every_n_steps=50,
                 )
                 trainer.fit(module, data)
                 if repeat:  # the steady state: past the 25-step safe start of the adaptive rules and a first flush
                     spent[name].extend((callback.hook_times if callback is not None else module.spent)[skip:])
     base = spent["Trainer(gradient_clip_val=1.0)"]
-    print(f"\nclipping inside Trainer.fit (batch 64, per step over steps {skip}-{steps} of {repeats} runs each, "
-          "gradguard's time includes its logging and flushes; mean, then median, which a stray pause moves less):")
+    print(
+        f"\nclipping inside Trainer.fit (batch 64, per step over steps {skip}-{steps} of {repeats} runs each, "
+        "gradguard's time includes its logging and flushes; mean, then median, which a stray pause moves less):"
+    )
     for name, times in spent.items():
         mean, median = statistics.mean(times), statistics.median(times)
-        print(f"  {name:<42} mean {mean * 1e3:7.3f} ms  {mean / statistics.mean(base):5.2f}x   "
-              f"median {median * 1e3:7.3f} ms  {median / statistics.median(base):5.2f}x")
+        print(
+            f"  {name:<42} mean {mean * 1e3:7.3f} ms  {mean / statistics.mean(base):5.2f}x   "
+            f"median {median * 1e3:7.3f} ms  {median / statistics.median(base):5.2f}x"
+        )
 
 
 def main() -> None:
@@ -315,10 +335,17 @@ def main() -> None:
     kernel_benchmark(blocks, width, rounds, args.device)
     if not args.skip_fit:
         for batch_size, steps in ((64, 150), (256, 60), (1024, 25)):
-            fit_overhead(blocks, width, steps=20 if args.quick else steps, repeats=1 if args.quick else 3,
-                         batch_size=batch_size, accelerator=args.device)
-        fit_clipping_vs_lightning(blocks, width, steps=20 if args.quick else 150, repeats=1 if args.quick else 3,
-                                  accelerator=args.device)
+            fit_overhead(
+                blocks,
+                width,
+                steps=20 if args.quick else steps,
+                repeats=1 if args.quick else 3,
+                batch_size=batch_size,
+                accelerator=args.device,
+            )
+        fit_clipping_vs_lightning(
+            blocks, width, steps=20 if args.quick else 150, repeats=1 if args.quick else 3, accelerator=args.device
+        )
 
 
 if __name__ == "__main__":

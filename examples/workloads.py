@@ -189,7 +189,7 @@ class AddingProblemData(WorkloadData):
     channel 0 holds a value drawn uniformly from ``[0, 1)`` at the two marked positions. Unlike the original task,
     the unmarked positions carry 0 rather than distracting values: the network need not learn to gate its input,
     only to carry two numbers across up to ``seq_len`` steps, which takes hundreds of steps rather than tens of
-    thousands. Always predicting 1 gives an MSE of ``1/6``.
+    thousands. Always predicting 1 gives an MSE of ``1/6`` (plus ``noise_std ** 2``).
 
     Args:
         seq_len: sequence length (at least 2).
@@ -197,10 +197,18 @@ class AddingProblemData(WorkloadData):
         num_val: held-out sequences.
         batch_size: sequences per batch.
         seed: seed of the data generators.
+        noise_std: standard deviation of Gaussian noise added to the targets, an error floor that no model goes
+            below (0: none).
     """
 
     def __init__(
-        self, seq_len: int = 150, num_train: int = 8192, num_val: int = 1024, batch_size: int = 64, seed: int = 0
+        self,
+        seq_len: int = 150,
+        num_train: int = 8192,
+        num_val: int = 1024,
+        batch_size: int = 64,
+        seed: int = 0,
+        noise_std: float = 0.0,
     ) -> None:
         super().__init__(batch_size, seed)
         _check_positive_int("seq_len", seq_len)
@@ -208,9 +216,12 @@ class AddingProblemData(WorkloadData):
             raise ValueError(f"Expected `seq_len` to be at least 2 but got {seq_len!r}")
         _check_positive_int("num_train", num_train)
         _check_positive_int("num_val", num_val)
+        if isinstance(noise_std, bool) or not isinstance(noise_std, (int, float)) or not 0 <= noise_std < math.inf:
+            raise ValueError(f"Expected `noise_std` to be a non-negative finite number but got {noise_std!r}")
         self.seq_len = seq_len
         self.num_train = num_train
         self.num_val = num_val
+        self.noise_std = float(noise_std)
 
     def _sample(self, n: int, generator: torch.Generator) -> TensorDataset:
         values = torch.rand(n, self.seq_len, generator=generator)
@@ -222,6 +233,8 @@ class AddingProblemData(WorkloadData):
         markers[rows, first] = 1.0
         markers[rows, second] = 1.0
         target = values[rows, first] + values[rows, second]
+        if self.noise_std:
+            target = target + self.noise_std * torch.randn(n, generator=generator)
         return TensorDataset(torch.stack((values * markers, markers), dim=-1), target)
 
     def build_datasets(self) -> tuple[Dataset, Dataset]:

@@ -543,7 +543,8 @@ def test_value_clipping_of_mixed_tensors_matches_torch(nonfinite):
     shapes = [(7,)] * 4 + [(300, 40), (3, 5), (64,), (2, 3, 4), (520, 512)]  # the last: reduced by rows
     dtypes = [torch.float32] * 6 + [torch.float64, torch.bfloat16, torch.float32]
     params = [
-        nn.Parameter((torch.randn(s, generator=gen) * 0.1 * (i + 1)).to(d)) for i, (s, d) in enumerate(zip(shapes, dtypes))
+        nn.Parameter((torch.randn(s, generator=gen) * 0.1 * (i + 1)).to(d))
+        for i, (s, d) in enumerate(zip(shapes, dtypes))
     ]
     for p in params:
         p.grad = torch.randn(p.shape, generator=gen).to(p.dtype) * 0.2

@@ -40,8 +40,11 @@ def no_device_sync():
 def _grads(dtypes, device="cuda"):
     gen = torch.Generator().manual_seed(0)
     shapes = [(64, 33), (7,), (3, 5, 2), (1,), (128, 128)]
-    return [(torch.randn(s, generator=gen) * 10.0 ** (i % 3 - 1)).to(device, dtype) for i, s in enumerate(shapes * 2)
-            for dtype in [dtypes[i % len(dtypes)]]]
+    return [
+        (torch.randn(s, generator=gen) * 10.0 ** (i % 3 - 1)).to(device, dtype)
+        for i, s in enumerate(shapes * 2)
+        for dtype in [dtypes[i % len(dtypes)]]
+    ]
 
 
 @pytest.mark.parametrize("norm_type", [2.0, math.inf])
@@ -138,7 +141,11 @@ def test_fit_on_the_gpu_has_no_sync_in_the_per_step_path(tmp_path, method):
         _sync_free(GradientQuantization)(method="stochastic", bits=8),
     ]
     trainer = tiny_trainer(
-        tmp_path, accelerator="cuda", max_steps=40, callbacks=callbacks, logger=TensorBoardLogger(tmp_path),
+        tmp_path,
+        accelerator="cuda",
+        max_steps=40,
+        callbacks=callbacks,
+        logger=TensorBoardLogger(tmp_path),
         log_every_n_steps=10,
     )
     model = TinyMLP()

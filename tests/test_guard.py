@@ -393,7 +393,12 @@ def test_rewind_restores_the_snapshot_exactly_and_gives_up_after_max_rewinds(tmp
 def test_resumed_run_makes_the_same_decisions_as_an_uninterrupted_run(tmp_path):
     def run(max_steps, root, ckpt_path=None):
         guard = ExplosionGuard(
-            on_nonfinite="skip", on_spike="rewind", window=16, warmup=8, snapshot_interval=4, rewind_patience=1,
+            on_nonfinite="skip",
+            on_spike="rewind",
+            window=16,
+            warmup=8,
+            snapshot_interval=4,
+            rewind_patience=1,
             lr_factor=0.5,
         )
         model = TinyMLP(num_samples=80)  # 10 batches per epoch

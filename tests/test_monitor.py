@@ -34,7 +34,9 @@ def test_logged_norm_equals_clip_grad_norm_pre_clip_norm_at_every_step(tmp_path)
     tb = TensorBoardLogger(tmp_path, name="tb", version=0)
     csv_logger = CSVLogger(tmp_path, name="csv", version=0)
     # the monitor runs before the reference in the list, so it sees the gradients before they are clipped
-    trainer = tiny_trainer(tmp_path, max_steps=17, callbacks=[monitor, reference], logger=[tb, csv_logger], log_every_n_steps=5)
+    trainer = tiny_trainer(
+        tmp_path, max_steps=17, callbacks=[monitor, reference], logger=[tb, csv_logger], log_every_n_steps=5
+    )
     trainer.fit(TinyMLP(lr=0.2))
 
     scalars = read_scalars(tb.log_dir)

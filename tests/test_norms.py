@@ -129,7 +129,8 @@ def test_unit_norms_give_rows_tensors_and_total_in_one_pass(dtypes):
     assert counter.total == 0, dict(counter.counts)
     expected_units = torch.cat(
         [
-            torch.linalg.vector_norm(t.double(), dim=tuple(range(1, t.ndim))).float() if t.ndim > 1
+            torch.linalg.vector_norm(t.double(), dim=tuple(range(1, t.ndim))).float()
+            if t.ndim > 1
             else torch.linalg.vector_norm(t.double()).float().reshape(1)
             for t in tensors
         ]
@@ -186,7 +187,8 @@ def test_unit_norms_of_whole_tensors_of_mixed_dtypes(first):
     tensors.insert(1, torch.randn(3, 4, generator=gen))
     expected = torch.cat(
         [
-            torch.linalg.vector_norm(t.double(), dim=1).float() if t.ndim > 1
+            torch.linalg.vector_norm(t.double(), dim=1).float()
+            if t.ndim > 1
             else torch.linalg.vector_norm(t.double()).float().reshape(1)
             for t in tensors
         ]

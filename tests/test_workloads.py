@@ -1,4 +1,5 @@
-"""The example workloads of ``examples/workloads.py``: shapes, a few real training steps, determinism, arguments.
+"""The example workloads of ``examples/workloads.py`` and the outcome suite's of ``benchmarks/workloads.py``: shapes,
+a few real training steps, determinism, arguments.
 
 That the workloads explode without clipping and learn with it is measured by ``benchmarks/outcomes.py`` (hundreds
 of steps per run); here each workload trains for a few steps only.
@@ -9,7 +10,10 @@ import math
 import pytest
 import torch
 from lightning import Trainer
+from torch import nn
 
+from benchmarks.workloads import CONFIRMATION, SELECTION, SUITE, Optim, SuiteModule, machine_text
+from benchmarks.workloads import build as build_suite_workload
 from examples.workloads import (
     VOCAB_SIZE,
     WORKLOADS,
@@ -182,3 +186,92 @@ def test_transformer_rejects_long_input():
     module = CharTransformerLM(context=8, d_model=16, num_heads=2)
     with pytest.raises(ValueError, match="Expected at most 8 tokens per sequence but got 9"):
         module(torch.zeros(1, 9, dtype=torch.long))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the outcome suite's workloads (benchmarks/workloads.py)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_suite_split_holds_both_kinds_and_both_optimizer_families():
+    assert set(SELECTION).isdisjoint(CONFIRMATION)
+    assert set(SELECTION) | set(CONFIRMATION) == set(SUITE)
+    every_kind = {(kind, family) for kind in ("healthy", "exploding") for family in ("sgd", "adam")}
+    for members in (SELECTION, CONFIRMATION):
+        assert {(SUITE[n].kind, SUITE[n].family) for n in members} == every_kind
+    kinds = [w.kind for w in SUITE.values()]
+    assert kinds.count("healthy") >= 4 and kinds.count("exploding") >= 6
+
+
+@pytest.mark.parametrize("name", sorted(SUITE))
+def test_suite_workload_trains_two_steps(name):
+    module, datamodule = build_suite_workload(name, seed=0)
+    trainer = Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        gradient_clip_val=0.1,  # some explode on their first steps without it
+        limit_val_batches=0,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(module, datamodule)
+    assert trainer.global_step == 2
+    result = evaluate(module, datamodule)
+    assert math.isfinite(result["final_loss"])
+    assert module.divergence_threshold > 0
+
+
+@pytest.mark.parametrize("name", ["lstm_chars", "conv_templates", "demo_transformer"])
+def test_suite_workload_is_deterministic_for_a_seed(name):
+    module_a, data_a = build_suite_workload(name, seed=1)
+    module_b, data_b = build_suite_workload(name, seed=1)
+    for a, b in zip(_first_batch(data_a), _first_batch(data_b)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    for a, b in zip(module_a.state_dict().values(), module_b.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_machine_text_is_fixed_and_checked():
+    assert machine_text("licenses", 2000) == machine_text("licenses", 2000)
+    assert len(machine_text("package_docs", 2000)) == 2000
+    with pytest.raises(ValueError, match="Expected `source` to be one of"):
+        machine_text("wikipedia", 100)
+    with pytest.raises(ValueError, match="Expected `max_chars` to be a positive integer but got 0"):
+        machine_text("licenses", 0)
+    with pytest.raises(ValueError, match="fewer than `max_chars` = 1000000000000"):
+        machine_text("licenses", 10**12)
+
+
+def test_bad_batches_scale_the_inputs_at_their_steps():
+    module = SuiteModule(
+        nn.Linear(4, 1, bias=False), lambda out, y: out.pow(2).mean(), Optim("sgd", 0.1), 1.0, (0,), 1e3
+    )
+    batch = (torch.ones(2, 4), torch.zeros(2))
+    assert module.global_step == 0  # no trainer: the first step, which is a bad one
+    assert float(module.training_step(batch, 0)) == pytest.approx(1e6 * float(module.compute_loss(batch)))
+
+
+def test_optim_schedule_warms_up_then_decays():
+    config = Optim("adamw", 1.0, warmup=4, decay=10).build([nn.Parameter(torch.zeros(1))])
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(12):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert rates[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert rates[10:] == pytest.approx([0.1, 0.1])
+
+
+def test_adding_problem_noise_floor():
+    clean = AddingProblemData(seq_len=10, num_train=2048, num_val=8, batch_size=8)
+    noisy = AddingProblemData(seq_len=10, num_train=2048, num_val=8, batch_size=8, noise_std=0.1)
+    clean.setup()
+    noisy.setup()
+    torch.testing.assert_close(clean._train.tensors[0], noisy._train.tensors[0])
+    noise = noisy._train.tensors[1] - clean._train.tensors[1]
+    assert float(noise.std()) == pytest.approx(0.1, rel=0.1)
+    with pytest.raises(ValueError, match="Expected `noise_std` to be a non-negative finite number but got -1"):
+        AddingProblemData(noise_std=-1)

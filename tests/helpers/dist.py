@@ -43,7 +43,9 @@ def run_workers(worker: str, out_dir: Path, strategy: str = "ddp", timeout: floa
     ]
     proc = subprocess.run(cmd, cwd=out_dir, env=env, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise AssertionError(f"worker {worker} failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
+        raise AssertionError(
+            f"worker {worker} failed (rc={proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}"
+        )
     results = []
     for rank in range(WORLD_SIZE):
         path = out_dir / f"rank{rank}.json"
