@@ -48,7 +48,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from lightning_gradguard.functional.norms import StepGradients, full_tensor_norms, grad_norms, unit_norms
+from lightning_gradguard.functional.norms import StepGradients, _unit_norms, full_tensor_norms, grad_norms, unit_norms
 from lightning_gradguard.functional.stats import EmaMoments, RunningWindow
 from lightning_gradguard.utilities import to_device
 
@@ -435,6 +435,7 @@ class _AgcLayout(NamedTuple):
     """How one model's units line up (made once per list of names and local shapes)."""
 
     counts: list[int]  # units per tensor
+    shapes: list[tuple[int, ...]]  # the view of a tensor's coefficients that broadcasts over it
     excluded: Optional[Tensor]  # per unit, whether its tensor is left alone (``None``: none is)
     sharded: bool  # whether a tensor with rows is a DTensor (its rows' sums are local to each rank)
 
@@ -464,18 +465,18 @@ class _AgcRule(_Rule):
                     _check_row_sharding(name, param)
             excluded = to_device(torch.tensor([a for a, n in zip(left, counts) for _ in range(n)]), step.device)
             sharded = any(hasattr(p, "placements") and p.ndim > 1 for p in step.params)
-            self._layout = (key, _AgcLayout(counts, excluded if any(left) else None, sharded))
+            shapes = [(-1, *([1] * (g.ndim - 1))) for g in step.local_grads]
+            self._layout = (key, _AgcLayout(counts, shapes, excluded if any(left) else None, sharded))
         return self._layout[1]  # type: ignore[return-value]
 
     def clip_(self, step: StepGradients) -> tuple[Tensor, Tensor]:
         layout = self._layout_of(step)
         units = step.units if step.units is not None else unit_norms(step.grads).units
-        with torch.no_grad():
-            limits = unit_norms(step.params, device=step.device).units.clamp(min=self.eps) * self.clip_factor
+        with torch.no_grad():  # only the weights' units: no per-tensor norms
+            limits = _unit_norms(step.params, step.device, units_only=True)[0].units.clamp(min=self.eps) * self.clip_factor
         keep = step.finite if layout.excluded is None else step.finite & ~layout.excluded
         coef = torch.where(keep, (limits / units.clamp(min=1e-6)).clamp(max=1.0), 1.0)
-        views = [c.view(-1, *([1] * (g.ndim - 1))) for c, g in zip(coef.split(layout.counts), step.local_grads)]
-        scale_(step.local_grads, views)
+        scale_(step.local_grads, [c.view(shape) for c, shape in zip(coef.split(layout.counts), layout.shapes)])
         # exact norms from the units, each scaled as a whole: no second pass over the gradients; the units left
         # alone count at their own norm in the threshold too, so the clipped norm never exceeds it
         clipped = coef * units

@@ -162,6 +162,20 @@ class UnitNorms(NamedTuple):
     """units per tensor"""
 
 
+class UnitNorms(NamedTuple):
+    """L2 norms of the units of a list of tensors (float32), with the per-tensor and global norms they add up to."""
+
+    units: Tensor
+    """one norm per unit, tensor after tensor: the rows (dim 0) of a tensor with two or more dimensions (of its local
+    shard under FSDP2, which shards on dim 0, so its rows are whole), the whole tensor otherwise"""
+    per_tensor: Tensor
+    """full-tensor norms, as :func:`grad_norms` returns them"""
+    total: Tensor
+    """the global norm"""
+    counts: list[int]
+    """units per tensor"""
+
+
 def _local_units(local: Sequence[Tensor], device: torch.device) -> list[Tensor]:
     """Per plain (local) tensor, float32: the norms of its rows if it has two or more dimensions, else its norm."""
     pieces: list[Tensor] = [None] * len(local)  # type: ignore[list-item]
@@ -210,22 +224,38 @@ def unit_norms(tensors: Sequence[Tensor], *, device: Optional[torch.device] = No
     return _unit_norms(list(tensors), device)[0]
 
 
-def _unit_norms(items: list[Tensor], device: Optional[torch.device]) -> tuple[UnitNorms, Tensor]:
-    """:func:`unit_norms`, and whether this rank's own (local) tensors were finite."""
+def _unit_norms(items: list[Tensor], device: Optional[torch.device], units_only: bool = False) -> tuple[UnitNorms, Tensor]:
+    """:func:`unit_norms` (only its units with ``units_only``), and whether this rank's own (local) tensors were
+    finite."""
+    device = device or (items[0].device if items else torch.device("cpu"))
     if not items:
-        device = device or torch.device("cpu")
         zero = torch.zeros((), device=device)
         return UnitNorms(torch.zeros(0, device=device), torch.zeros(0, device=device), zero, []), zero < 1
     local = local_shards(items)
-    pieces = _local_units(local, device or local[0].device)
-    local_norms = torch.stack(torch._foreach_norm(pieces, 2.0))
-    per_tensor = full_tensor_norms(items, local_norms)
-    if per_tensor is local_norms:  # nothing sharded: every piece is complete
-        units = torch.cat(pieces)
-    else:  # a whole-tensor unit is its tensor: its full norm; rows are whole in their shard already
-        units = torch.cat([p if t.ndim > 1 else n.reshape(1) for p, t, n in zip(pieces, local, per_tensor.unbind())])
-    counts = [piece.numel() for piece in pieces]
-    return UnitNorms(units, per_tensor, torch.linalg.vector_norm(per_tensor), counts), torch.isfinite(local_norms.sum())
+    rows = [i for i, t in enumerate(local) if t.ndim > 1]
+    whole = [i for i, t in enumerate(local) if t.ndim <= 1]
+    pieces: list[Tensor] = [None] * len(items)  # type: ignore[list-item]
+    for i in rows:  # float64 is reduced in its own precision; every other dtype accumulates in float32
+        t = local[i]
+        dtype = None if t.dtype == torch.float64 else torch.float32
+        pieces[i] = torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim)), dtype=dtype).to(device).float()
+    local_whole = _local_norms([local[i] for i in whole], 2.0, device) if whole else torch.zeros(0, device=device)
+    full_whole = full_tensor_norms([items[i] for i in whole], local_whole)  # a whole-tensor unit: its full norm
+    for i, norm in zip(whole, full_whole.split(1)):
+        pieces[i] = norm
+    units, counts = torch.cat(pieces), [piece.numel() for piece in pieces]
+    if units_only:
+        return UnitNorms(units, units, units, counts), units
+    # a tensor's norm is the norm of its rows' norms, local to the shard under FSDP2 until reduced
+    local_rows = torch.stack(torch._foreach_norm([pieces[i] for i in rows], 2.0)) if rows else local_whole[:0]
+    rows_full = full_tensor_norms([items[i] for i in rows], local_rows)
+    per_tensor: list[Tensor] = [None] * len(items)  # type: ignore[list-item]
+    for indices, values in ((rows, rows_full), (whole, full_whole)):
+        for i, value in zip(indices, values.unbind()):
+            per_tensor[i] = value
+    full = torch.stack(per_tensor)
+    local_finite = torch.isfinite(local_rows.sum() + local_whole.sum())
+    return UnitNorms(units, full, torch.linalg.vector_norm(full), counts), local_finite
 
 
 class StepGradients:
