@@ -14,7 +14,7 @@ from typing import Any, Optional, Union
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["HostSyncCounter", "device_tensor", "host_read", "to_device"]
+__all__ = ["HostSyncCounter", "host_read", "to_device"]
 
 _aten = torch.ops.aten
 _SYNC_OPS = {
@@ -97,11 +97,3 @@ def to_device(tensor: torch.Tensor, device: Union[str, torch.device]) -> torch.T
     if tensor.device.type == "cpu" and device.type == "cuda":
         return tensor.pin_memory().to(device, non_blocking=True)
     return tensor.to(device)
-
-
-def device_tensor(
-    data: Any, *, dtype: Optional[torch.dtype] = None, device: Union[str, torch.device, None] = None
-) -> torch.Tensor:
-    """``torch.tensor(data, dtype=dtype)`` made on the CPU and moved to ``device`` by :func:`to_device` (no sync)."""
-    tensor = torch.tensor(data, dtype=dtype)
-    return tensor if device is None else to_device(tensor, device)

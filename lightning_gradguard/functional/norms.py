@@ -162,48 +162,6 @@ class UnitNorms(NamedTuple):
     """units per tensor"""
 
 
-class UnitNorms(NamedTuple):
-    """L2 norms of the units of a list of tensors (float32), with the per-tensor and global norms they add up to."""
-
-    units: Tensor
-    """one norm per unit, tensor after tensor: the rows (dim 0) of a tensor with two or more dimensions (of its local
-    shard under FSDP2, which shards on dim 0, so its rows are whole), the whole tensor otherwise"""
-    per_tensor: Tensor
-    """full-tensor norms, as :func:`grad_norms` returns them"""
-    total: Tensor
-    """the global norm"""
-    counts: list[int]
-    """units per tensor"""
-
-
-def _local_units(local: Sequence[Tensor], device: torch.device) -> list[Tensor]:
-    """Per plain (local) tensor, float32: the norms of its rows if it has two or more dimensions, else its norm."""
-    pieces: list[Tensor] = [None] * len(local)  # type: ignore[list-item]
-    whole = [i for i, t in enumerate(local) if t.ndim <= 1]
-    for i, t in enumerate(local):
-        if t.ndim > 1:  # float64 is reduced in its own precision; every other dtype accumulates in float32
-            dtype = None if t.dtype == torch.float64 else torch.float32
-            pieces[i] = torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim)), dtype=dtype).to(device).float()
-    if whole:
-        for i, norm in zip(whole, _local_norms([local[i] for i in whole], 2.0, device).split(1)):
-            pieces[i] = norm
-    return pieces
-
-
-class UnitNorms(NamedTuple):
-    """L2 norms of the units of a list of tensors (float32), with the per-tensor and global norms they add up to."""
-
-    units: Tensor
-    """one norm per unit, tensor after tensor: the rows (dim 0) of a tensor with two or more dimensions (of its local
-    shard under FSDP2, which shards on dim 0, so its rows are whole), the whole tensor otherwise"""
-    per_tensor: Tensor
-    """full-tensor norms, as :func:`grad_norms` returns them"""
-    total: Tensor
-    """the global norm"""
-    counts: list[int]
-    """units per tensor"""
-
-
 def unit_norms(tensors: Sequence[Tensor], *, device: Optional[torch.device] = None) -> UnitNorms:
     """Unit-wise L2 norms (what AGC needs) and the per-tensor and global norms, from one read of the tensors.
 
