@@ -28,6 +28,7 @@ EVENT_KINDS = ("nonfinite", "spike", "loss_spike", "threshold", "overflow", "sca
 #: what was done about an event
 ACTIONS = ("logged", "skipped", "rewound", "raised", "scaler_skipped")
 EVENTS_FILE = "gradguard_events.jsonl"
+_NUMBERS = ("grad_norm", "loss", "baseline", "zscore")
 
 
 def _finite_or_none(value: Optional[float]) -> Optional[float]:
@@ -66,8 +67,6 @@ class ExplosionEvent:
         ...                        zscore=80.0, action="skipped", top_layers=[("net.0.weight", 119.0)])
         >>> ExplosionEvent.from_dict(json.loads(event.to_json())) == event
         True
-        >>> print(event.summary())
-        spike at step 7 (epoch 0): grad norm 120, baseline 1, z 80, action skipped, top layer net.0.weight (119)
     """
 
     step: int
@@ -87,7 +86,7 @@ class ExplosionEvent:
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
-        for key in ("grad_norm", "loss", "baseline", "zscore"):
+        for key in _NUMBERS:
             out[key] = _finite_or_none(out[key])
         out["top_layers"] = [[name, _finite_or_none(norm)] for name, norm in self.top_layers]
         return out
@@ -97,33 +96,11 @@ class ExplosionEvent:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExplosionEvent:
-        def num(value: Optional[float]) -> float:
-            return math.nan if value is None else float(value)
-
-        return cls(
-            step=int(data["step"]),
-            epoch=int(data["epoch"]),
-            kind=str(data["kind"]),
-            grad_norm=num(data.get("grad_norm")),
-            loss=num(data.get("loss")),
-            baseline=num(data.get("baseline")),
-            zscore=num(data.get("zscore")),
-            action=str(data["action"]),
-            top_layers=[(str(name), num(norm)) for name, norm in data.get("top_layers", [])],
-            rank=int(data.get("rank", 0)),
-            optimizer=int(data.get("optimizer", 0)),
-            global_step=int(data.get("global_step", -1)),
-            run_id=str(data.get("run_id", "")),
-            attempt=int(data.get("attempt", 1)),
-        )
-
-    def summary(self) -> str:
-        """One line: kind, step, numbers, action and the worst layer."""
-        top = f", top layer {self.top_layers[0][0]} ({self.top_layers[0][1]:.4g})" if self.top_layers else ""
-        return (
-            f"{self.kind} at step {self.step} (epoch {self.epoch}): grad norm {self.grad_norm:.4g},"
-            f" baseline {self.baseline:.4g}, z {self.zscore:.4g}, action {self.action}{top}"
-        )
+        numbers = {key: math.nan if data.get(key) is None else float(data[key]) for key in _NUMBERS}
+        layers = [(str(name), math.nan if norm is None else float(norm)) for name, norm in data.get("top_layers", [])]
+        fields = {key: data[key] for key in ("rank", "optimizer", "global_step", "run_id", "attempt") if key in data}
+        return cls(int(data["step"]), int(data["epoch"]), str(data["kind"]), **numbers, action=str(data["action"]),
+                   top_layers=layers, **fields)
 
     def to_markdown(self) -> str:
         """The report written to TensorBoard (text plugin): the numbers and a table of the top layers."""

@@ -27,7 +27,6 @@ RESPONSES = ("log", "skip", "raise", "rewind")
 # the response a step gets is the most severe one among its events (ranks agree on the MAX)
 _SEVERITY = {"log": 0, "skip": 1, "rewind": 2, "raise": 3}
 _KIND = {kind: i for i, kind in enumerate(EVENT_KINDS)}
-_REWIND_DEFAULTS = {"snapshot_interval": 100, "rewind_patience": 3, "max_rewinds": 3, "lr_factor": 1.0}
 _DESCRIPTIONS = {
     "nonfinite": "non-finite gradients or loss",
     "spike": "a gradient-norm spike",
@@ -69,52 +68,48 @@ class GradientExplosionError(RuntimeError):
 class ExplosionGuard(GradGuardCallback):
     r"""Detect explosion events at every optimizer step, answer them (log, skip, raise, rewind) and report them.
 
-    Detection, on the device at every optimizer step (after gradient accumulation and AMP unscaling, before any
-    clipping: with :class:`~lightning_gradguard.GradientClipping` the guard sees the pre-clip norm):
+    Detection runs on the device at every optimizer step, after gradient accumulation and AMP unscaling and before
+    any clipping (the guard sees the pre-clip norm). Event kinds:
 
-    - ``nonfinite``: the global gradient norm is NaN/Inf or the loss is (the loss is read in ``on_before_backward``
-      and averaged over ranks). Under several processes every rank's flags are combined, so a fault seen on one
-      rank only is recorded, with that rank, and answered on every rank.
-    - ``spike`` / ``loss_spike``: the gradient norm / the loss is more than ``threshold`` spreads above its running
-      baseline over the last ``window`` finite values of that optimizer (median and MAD, or mean and std); nothing
-      is flagged during the first ``warmup`` values; non-finite values never enter the statistics.
-    - ``threshold``: the gradient norm exceeds ``max_norm`` (when given).
+    - ``nonfinite``: the global gradient norm or the loss (read in ``on_before_backward``, averaged over ranks) is
+      NaN/Inf. Under several processes every rank's flags are combined: a fault seen on one rank is recorded with
+      that rank and answered on every rank.
+    - ``spike`` / ``loss_spike``: the norm / the loss is more than ``threshold`` spreads above its median (or mean)
+      over the last ``window`` finite values of that optimizer, once ``warmup`` values are in; non-finite values
+      never enter the statistics. ``threshold``: the norm exceeds ``max_norm``.
     - ``overflow``: with ``precision="16-mixed"`` the grad scaler found Inf/NaN gradients and skips the step itself;
-      the guard records it and does not answer it (a NaN *loss* is a ``nonfinite`` event all the same).
-    - ``scale_collapse``: the loss scale fell below 1, or the scaler skipped ``max_consecutive_skips`` steps in a
-      row: fp16 training is stuck. Answered by raising unless ``on_nonfinite="log"``.
+      recorded, not answered (a NaN *loss* is a ``nonfinite`` event all the same). ``scale_collapse``: the loss
+      scale fell below 1, or the scaler skipped ``max_consecutive_skips`` steps in a row; answered by raising unless
+      ``on_nonfinite="log"``.
 
-    Responses, per kind (``on_nonfinite``; ``on_spike`` covers ``spike``, ``loss_spike`` and ``threshold``):
+    Responses (``on_nonfinite``; ``on_spike`` covers ``spike``, ``loss_spike`` and ``threshold``):
 
-    - ``"log"``: record only, sync-free; the events are written at the next flush with their true steps.
-    - ``"skip"``: the update is not applied: parameters and optimizer state (moments, step counts, weight decay)
-      are left bitwise as they were. Lightning still counts the step in ``global_step`` (and in ``max_steps``);
-      step-interval LR schedulers advance too (``schedule_on_skip="advance"``) or are held back
-      (``"hold"``: the next step uses the learning rate the skipped one would have). After
-      ``max_consecutive_skips`` skipped steps in a row :class:`GradientExplosionError` is raised.
+    - ``"log"``: record only, sync-free; events are written at the next flush with their own steps.
+    - ``"skip"``: parameters and optimizer state (moments, step counts, weight decay) stay bitwise as they were.
+      Lightning still counts the step in ``global_step`` and ``max_steps``; step-interval LR schedulers advance
+      (``schedule_on_skip="advance"``) or are held back (``"hold"``). ``max_consecutive_skips`` skipped steps in a
+      row raise :class:`GradientExplosionError`.
     - ``"raise"``: stop ``fit`` with :class:`GradientExplosionError` naming the step, the norm, the worst layers and
-      what to try next; the events are written first.
-    - ``"rewind"``: a copy of the model, optimizer and LR-schedule state is kept in memory, taken at the first step
-      of every fit and then every ``snapshot_interval`` steps (at the first healthy step at or after each multiple;
-      ``snapshot_device``: ``"cpu"`` or ``"same"``). A flagged step is skipped; after ``rewind_patience`` flagged
-      steps in a row the snapshot is restored (the next step uses the learning rate the snapshot step used) and
-      training goes on with the next batches, every learning rate multiplied by ``lr_factor`` per rewind so far
-      (applied inside each optimizer step, so every scheduler keeps its own schedule). The ``max_rewinds + 1``-th
-      rewind raises instead. After a resume the snapshot is the resumed state, so a resumed run takes the same
-      decisions as an uninterrupted one but may rewind to a later state.
+      what to try next, after writing the events.
+    - ``"rewind"``: a copy of the model, optimizer and LR-schedule state is kept in memory (``snapshot_device``),
+      taken at the first step of every fit (after a resume: the resumed state) and then every ``snapshot_interval``
+      steps (the first healthy step at or after each multiple). A flagged step is skipped; ``rewind_patience``
+      flagged steps in a row restore the snapshot (the next step runs at the learning rate the snapshot step ran
+      at) and every learning rate is multiplied by ``lr_factor`` per rewind, inside each optimizer step, so every
+      scheduler keeps its own schedule. The ``max_rewinds + 1``-th rewind raises instead. A resumed run takes the
+      same decisions as an uninterrupted one, but may rewind to a later state.
 
-    Cost: ``"log"`` alone never reads a device value on the hot path. The other responses need a decision on the
-    host: **one scalar read per optimizer step**, except for ``"skip"`` with optimizers that take a device flag
-    (``torch.optim.Adam``, ``AdamW`` and ``SGD`` with ``fused=True``, without a GradScaler and with
-    ``schedule_on_skip="advance"``): there the update is skipped on the device, the way ``GradScaler`` does it, and
-    the skip count is read at the flush (so ``max_consecutive_skips`` is checked there). Under several processes the
-    flags and the per-rank losses are all-reduced once per step (collectives, not host reads).
+    Cost: ``"log"`` never reads a device value in the step. Any other response takes **one scalar host read per
+    optimizer step**, except ``"skip"`` with optimizers that take GradScaler's device flag (``torch.optim.Adam``,
+    ``AdamW``, ``SGD`` with ``fused=True``), without a GradScaler, compressed communication or
+    ``schedule_on_skip="hold"``: the update is then skipped on the device and skips are counted at the flush (where
+    ``max_consecutive_skips`` is checked). Under several processes the flags and the per-rank losses are
+    all-reduced once per step (collectives, not host reads).
 
-    Reporting (only rank 0 writes): ``gradguard_events.jsonl`` in the logger's directory (see
-    :mod:`lightning_gradguard.events`); ``gradguard/events`` (TensorBoard text): one report per event;
-    ``gradguard/events/<kind>``: running count per kind, at the steps where it changes;
-    ``gradguard/guard/skipped``, ``gradguard/guard/rewinds``: running totals, where they change; an "events" chart
-    in the custom-scalars layout, and a summary table at the end of ``fit``.
+    Reporting (rank 0): ``gradguard_events.jsonl`` in the logger's directory (:mod:`lightning_gradguard.events`);
+    TensorBoard text ``gradguard/events``, one report per event; ``gradguard/events/<kind>`` (running count per kind)
+    and ``gradguard/guard/skipped``, ``gradguard/guard/rewinds`` (running totals), where they change; an "events"
+    chart in the custom-scalars layout; a summary table at the end of ``fit``.
 
     Args:
         on_nonfinite: response to non-finite gradients or loss.
@@ -128,11 +123,11 @@ class ExplosionGuard(GradGuardCallback):
         top_k: number of layers named in each event.
         max_consecutive_skips: raise after this many skipped steps in a row (``None``: never).
         schedule_on_skip: ``"advance"`` (default) or ``"hold"`` the step-interval LR schedulers on a skipped step.
-        snapshot_interval: ``"rewind"`` only (an error otherwise, as the four below): steps between snapshots (100).
-        rewind_patience: ``"rewind"`` only: flagged steps in a row that trigger a rewind (3).
-        max_rewinds: ``"rewind"`` only: rewinds allowed (3).
-        lr_factor: ``"rewind"`` only: learning-rate factor per rewind, in (0, 1] (1.0).
-        snapshot_device: ``"rewind"`` only: where snapshots live (``"cpu"``).
+        snapshot_interval: ``"rewind"`` only: steps between snapshots (default 100).
+        rewind_patience: ``"rewind"`` only: flagged steps in a row that trigger a rewind (default 3).
+        max_rewinds: ``"rewind"`` only: rewinds allowed (default 3).
+        lr_factor: ``"rewind"`` only: learning-rate factor per rewind, in (0, 1] (default 1.0).
+        snapshot_device: ``"rewind"`` only: ``"cpu"`` (default, host memory) or ``"same"`` (the tensors' device).
         flush_interval: optimizer steps between writes (one host read each); default: ``log_every_n_steps``.
         callback_metrics: also put the flushed values into ``trainer.callback_metrics``.
 

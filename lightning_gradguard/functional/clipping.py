@@ -473,9 +473,10 @@ class _AgcRule(_Rule):
         layout = self._layout_of(step)
         units = step.units if step.units is not None else unit_norms(step.grads).units
         with torch.no_grad():  # only the weights' units: no per-tensor norms
-            limits = _unit_norms(step.params, step.device, units_only=True)[0].units.clamp(min=self.eps) * self.clip_factor
+            weights = _unit_norms(step.params, step.device, units_only=True)[0].units
         keep = step.finite if layout.excluded is None else step.finite & ~layout.excluded
-        coef = torch.where(keep, (limits / units.clamp(min=1e-6)).clamp(max=1.0), 1.0)
+        coef = torch.where(keep, agc_coefficients(weights, units, self.clip_factor, self.eps), 1.0)
+        limits = weights.clamp(min=self.eps) * self.clip_factor
         scale_(step.local_grads, [c.view(shape) for c, shape in zip(coef.split(layout.counts), layout.shapes)])
         # exact norms from the units, each scaled as a whole: no second pass over the gradients; the units left
         # alone count at their own norm in the threshold too, so the clipped norm never exceeds it

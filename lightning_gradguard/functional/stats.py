@@ -201,10 +201,6 @@ class EmaMoments:
         self.mean = torch.where(keep, mean, self.mean)
         self.var = torch.where(keep, var, self.var)
 
-    def zscore(self, value: Tensor, eps: float = 1e-6) -> Tensor:
-        """``(value - mean) / (std + eps)``."""
-        return (value - self.mean) / (self.var.sqrt() + eps)
-
     def to(self, device: Union[str, torch.device]) -> EmaMoments:
         self.mean, self.var, self.started = (to_device(t, device) for t in (self.mean, self.var, self.started))
         return self
