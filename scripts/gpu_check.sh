@@ -6,8 +6,7 @@
 #   - the CUDA cases of the guard and clipping tests: AMP overflow (precision="16-mixed" with a GradScaler), skip
 #     and rewind (pinned-CPU and on-device snapshots) restoring bitwise, checkpoint resume with state on the GPU;
 #   - benchmarks/overhead.py --device cuda: per-step costs against clip_grad_norm_ on the GPU, and the monitor's
-#     share of a Trainer.fit step there; then the kernel-only cases on a 134M-parameter model (8 x Linear 4096);
-#   - benchmarks/launches.py: the launch counts those timings should follow (no GPU needed for this one).
+#     share of a Trainer.fit step there; then the kernel-only cases on a 134M-parameter model (8 x Linear 4096).
 # Run from anywhere on a machine with one CUDA device (about 3 minutes):
 #     bash scripts/gpu_check.sh
 # It needs torch (a CUDA build), lightning, torchmetrics, tensorboard and pytest importable by ${PYTHON:-python3};
@@ -26,4 +25,3 @@ fi
 "$PY" -m pytest -q tests/test_cuda.py tests/test_guard.py $clip_tests -k "cuda or gpu"
 "$PY" benchmarks/overhead.py --device cuda --rounds 50
 "$PY" benchmarks/overhead.py --device cuda --rounds 40 --skip-fit --blocks 8 --width 4096
-"$PY" benchmarks/launches.py
