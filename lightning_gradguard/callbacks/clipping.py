@@ -29,33 +29,22 @@ _HEAD_NAMES = {"head", "lm_head", "classifier", "fc", "out", "output", "decoder"
 class GradientClipping(GradGuardCallback):
     r"""Clip the gradients of every optimizer step, with no threshold to choose by default.
 
-    The rules (the math is :class:`~lightning_gradguard.functional.clipping.GradientClipper`, usable without
-    Lightning; every method-specific argument is an error with another method):
-
-    - ``"auto"`` (default): a norm may be at most ``spike_factor`` (4) times the EMA of the norms the optimizer got,
-      so a spike is cut back to the run's own scale while a healthy run is left alone; and once a ``torch.optim.SGD``
-      step ``lr * g`` (with the learning rate in force, after schedulers) would move the weights by more than
-      ``explosion_ratio`` (10%) of their norm, the norm is capped at ``explosion_cap`` (1.0) from then on. It was
-      chosen on a suite of healthy and exploding workloads and confirmed on workloads it was not chosen on (see the
-      outcome results in the docs).
-    - ``"zscore"``: ZClip: EMA mean and variance of the global norm; a norm more than ``z_thresh`` standard
-      deviations above the mean is clipped back towards the mean.
-    - ``"quantile"``: AutoClip: a quantile of the recent norms.
-    - ``"adagc"``: AdaGC: one threshold per tensor, an EMA of its own norm.
-    - ``"agc"``: adaptive gradient clipping (NFNets, timm): each unit (a row of a weight, a whole bias) may have a
-      gradient norm of at most ``agc_factor`` of its weight norm. The output layer (the last module of the
-      LightningModule that holds parameters, named in an info message) is left alone unless ``agc_exclude`` is given.
-    - ``"norm"`` and ``"value"``: Lightning's ``gradient_clip_val`` with ``"norm"`` and ``"value"``, plus logging.
+    The rules are those of :class:`~lightning_gradguard.functional.clipping.GradientClipper` (usable without
+    Lightning), whose arguments this callback takes under the same names (``None``: the method's default; an
+    argument of another method is an error). The default, ``"auto"``, lets a norm be at most ``spike_factor`` (4)
+    times the EMA of the norms the optimizer got, and caps it at ``explosion_cap`` (1.0) from the first
+    ``torch.optim.SGD`` step that would move the weights by more than ``explosion_ratio`` (10%) of their norm; it was
+    chosen on a suite of healthy and exploding workloads and checked on others (the docs' outcome results). With
+    ``"agc"`` the output layer (the last module of the LightningModule that holds parameters, named in a message) is
+    left alone unless ``agc_exclude`` is given.
 
     Clipping runs in ``on_before_optimizer_step`` (after gradient accumulation and AMP unscaling), on the norms the
-    gradguard pipeline computed once for the step (shared with :class:`GradientNormMonitor` and
-    :class:`ExplosionGuard`). Nothing reads a device value back to the host. A step whose norm is NaN or Inf is left
-    untouched (coefficient 1) for the guard or AMP's scaler and does not enter the statistics. Under DDP every rank
-    clips the same averaged gradients with the same statistics; under FSDP2 the norms are full-tensor norms. The
-    statistics are saved in checkpoints: a resumed run clips as the uninterrupted one would have.
-
-    When at least 90% of the last 100 steps were scaled by less than 0.5, the clipping acts as a learning-rate cut
-    nobody asked for: a warning says so once and a ``persistent_clipping`` event is recorded.
+    pipeline computed once for the step, without a host read. A step whose norm is NaN or Inf is left untouched for
+    the guard or AMP's scaler and does not enter the statistics. Under DDP every rank clips the same averaged
+    gradients with the same statistics; under FSDP2 the norms are full-tensor norms. The statistics are checkpointed:
+    a resumed run clips as the uninterrupted one would have. When at least 90% of the last 100 steps were scaled by
+    less than 0.5, a warning says once that the clipping acts as a learning-rate cut, and a ``persistent_clipping``
+    event is recorded.
 
     Logged tags, every optimizer step (``gradguard/opt<i>/...`` with several optimizers; rank 0 only):
 
@@ -67,12 +56,6 @@ class GradientClipping(GradGuardCallback):
 
     The TensorBoard custom-scalars layout gets a "gradient norm" chart (norm, clipped norm and threshold together)
     and a "clip coefficient" chart.
-
-    The arguments ``max_norm``, ``clip_value``, ``spike_factor``, ``explosion_ratio``, ``explosion_cap``,
-    ``quantile``, ``history_length``, ``alpha``, ``z_thresh``,
-    ``zscore_mode``, ``agc_factor``, ``agc_eps``, ``agc_exclude``, ``adagc_beta``, ``adagc_factor``,
-    ``warmup_steps``, ``warmup_factor``, ``warmup_threshold`` and ``eps`` are as in
-    :class:`~lightning_gradguard.functional.clipping.GradientClipper` (``None``: the method's default).
 
     Args:
         method: the rule (see above).

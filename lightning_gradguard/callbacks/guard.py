@@ -68,48 +68,35 @@ class GradientExplosionError(RuntimeError):
 class ExplosionGuard(GradGuardCallback):
     r"""Detect explosion events at every optimizer step, answer them (log, skip, raise, rewind) and report them.
 
-    Detection runs on the device at every optimizer step, after gradient accumulation and AMP unscaling and before
-    any clipping (the guard sees the pre-clip norm). Event kinds:
+    Detection runs on the device after gradient accumulation and AMP unscaling, before any clipping. Events:
+    ``nonfinite`` (NaN/Inf gradient norm or loss), ``spike`` / ``loss_spike`` (more than ``threshold`` spreads above
+    the median, or mean, of the last ``window`` finite values of that optimizer, after ``warmup`` values),
+    ``threshold`` (norm above ``max_norm``), ``overflow`` (16-mixed: the grad scaler skips the step itself; recorded,
+    not answered, while a NaN *loss* is ``nonfinite``) and ``scale_collapse`` (the loss scale fell below 1, or the
+    scaler skipped ``max_consecutive_skips`` steps in a row; it raises unless ``on_nonfinite="log"``). Under several
+    processes every rank's flags are combined: a fault seen by one rank is recorded with that rank, and answered on
+    every rank.
 
-    - ``nonfinite``: the global gradient norm or the loss (read in ``on_before_backward``, averaged over ranks) is
-      NaN/Inf. Under several processes every rank's flags are combined: a fault seen on one rank is recorded with
-      that rank and answered on every rank.
-    - ``spike`` / ``loss_spike``: the norm / the loss is more than ``threshold`` spreads above its median (or mean)
-      over the last ``window`` finite values of that optimizer, once ``warmup`` values are in; non-finite values
-      never enter the statistics. ``threshold``: the norm exceeds ``max_norm``.
-    - ``overflow``: with ``precision="16-mixed"`` the grad scaler found Inf/NaN gradients and skips the step itself;
-      recorded, not answered (a NaN *loss* is a ``nonfinite`` event all the same). ``scale_collapse``: the loss
-      scale fell below 1, or the scaler skipped ``max_consecutive_skips`` steps in a row; answered by raising unless
-      ``on_nonfinite="log"``.
+    Responses (``on_nonfinite``; ``on_spike`` covers ``spike``, ``loss_spike`` and ``threshold``): ``"log"`` records;
+    ``"skip"`` leaves parameters and optimizer state bitwise intact (Lightning still counts the step in
+    ``global_step``; step-interval LR schedulers advance, or hold with ``schedule_on_skip="hold"``), and raises after
+    ``max_consecutive_skips`` skips in a row; ``"raise"`` stops ``fit`` with :class:`GradientExplosionError` naming
+    the step, the norm, the worst layers and what to try; ``"rewind"`` keeps an in-memory snapshot of the model,
+    optimizer and LR schedule (at the first step of every fit, then every ``snapshot_interval`` steps at a healthy
+    step), skips flagged steps, and after ``rewind_patience`` of them in a row restores the snapshot (the next step
+    runs at the snapshot step's learning rate) with every learning rate multiplied by ``lr_factor`` per rewind
+    inside each optimizer step, so schedulers keep their own schedule; after ``max_rewinds`` it raises. After a
+    resume the snapshot is the resumed state: the decisions are those of an uninterrupted run.
 
-    Responses (``on_nonfinite``; ``on_spike`` covers ``spike``, ``loss_spike`` and ``threshold``):
+    Cost: ``"log"`` reads nothing on the host. Other responses read one scalar per optimizer step, except ``"skip"``
+    with optimizers that take GradScaler's device flag (``Adam``, ``AdamW``, ``SGD`` with ``fused=True``), without a
+    GradScaler, compressed communication or ``schedule_on_skip="hold"``: the update is then skipped on the device and
+    skips are counted (and ``max_consecutive_skips`` checked) at the flush. Under several processes the flags and the
+    per-rank losses are all-reduced once per step.
 
-    - ``"log"``: record only, sync-free; events are written at the next flush with their own steps.
-    - ``"skip"``: parameters and optimizer state (moments, step counts, weight decay) stay bitwise as they were.
-      Lightning still counts the step in ``global_step`` and ``max_steps``; step-interval LR schedulers advance
-      (``schedule_on_skip="advance"``) or are held back (``"hold"``). ``max_consecutive_skips`` skipped steps in a
-      row raise :class:`GradientExplosionError`.
-    - ``"raise"``: stop ``fit`` with :class:`GradientExplosionError` naming the step, the norm, the worst layers and
-      what to try next, after writing the events.
-    - ``"rewind"``: a copy of the model, optimizer and LR-schedule state is kept in memory (``snapshot_device``),
-      taken at the first step of every fit (after a resume: the resumed state) and then every ``snapshot_interval``
-      steps (the first healthy step at or after each multiple). A flagged step is skipped; ``rewind_patience``
-      flagged steps in a row restore the snapshot (the next step runs at the learning rate the snapshot step ran
-      at) and every learning rate is multiplied by ``lr_factor`` per rewind, inside each optimizer step, so every
-      scheduler keeps its own schedule. The ``max_rewinds + 1``-th rewind raises instead. A resumed run takes the
-      same decisions as an uninterrupted one, but may rewind to a later state.
-
-    Cost: ``"log"`` never reads a device value in the step. Any other response takes **one scalar host read per
-    optimizer step**, except ``"skip"`` with optimizers that take GradScaler's device flag (``torch.optim.Adam``,
-    ``AdamW``, ``SGD`` with ``fused=True``), without a GradScaler, compressed communication or
-    ``schedule_on_skip="hold"``: the update is then skipped on the device and skips are counted at the flush (where
-    ``max_consecutive_skips`` is checked). Under several processes the flags and the per-rank losses are
-    all-reduced once per step (collectives, not host reads).
-
-    Reporting (rank 0): ``gradguard_events.jsonl`` in the logger's directory (:mod:`lightning_gradguard.events`);
-    TensorBoard text ``gradguard/events``, one report per event; ``gradguard/events/<kind>`` (running count per kind)
-    and ``gradguard/guard/skipped``, ``gradguard/guard/rewinds`` (running totals), where they change; an "events"
-    chart in the custom-scalars layout; a summary table at the end of ``fit``.
+    Reported on rank 0: ``gradguard_events.jsonl`` in the logger's directory (:mod:`lightning_gradguard.events`), the
+    TensorBoard text ``gradguard/events``, the running counts ``gradguard/events/<kind>``, ``gradguard/guard/skipped``
+    and ``gradguard/guard/rewinds`` where they change, an "events" chart, and a summary table at the end of ``fit``.
 
     Args:
         on_nonfinite: response to non-finite gradients or loss.
@@ -540,37 +527,21 @@ class ExplosionGuard(GradGuardCallback):
     def _events_of(self, where: _Where, host: list, action: Optional[str]) -> list[ExplosionEvent]:
         events = []
         for kind, flagged, response in zip(EVENT_KINDS, host[: len(EVENT_KINDS)], self._responses):
-            if not flagged:
-                continue
-            if kind == "overflow":
-                done = "scaler_skipped"
-            elif response == "log" or action is None:
-                done = "logged"
-            else:
-                done = action
-            events.append(self._event(where, host, kind, done))
+            if flagged:  # what was done: the scaler skipped an overflow; a logged kind; else the step's action
+                logged = response == "log" or action is None
+                done = "scaler_skipped" if kind == "overflow" else "logged" if logged else action
+                events.append(self._event(where, host, kind, done))  # type: ignore[arg-type]
         return events
 
     def _event(self, where: _Where, host: list, kind: str, action: str) -> ExplosionEvent:
         n = len(EVENT_KINDS)
         norm, loss, norm_base, norm_z, loss_base, loss_z, origin = host[n : n + 7]
-        k = self.top_k if len(where.names) >= self.top_k else len(where.names)
+        k = min(self.top_k, len(where.names))
         top = host[2 * n + 7 : 2 * n + 7 + 2 * k]
-        loss_driven = kind == "loss_spike"
-        return ExplosionEvent(
-            step=where.step,
-            epoch=where.epoch,
-            kind=kind,
-            grad_norm=norm,
-            loss=loss,
-            baseline=loss_base if loss_driven else norm_base,
-            zscore=loss_z if loss_driven else norm_z,
-            action=action,
-            top_layers=[(where.names[int(i)], value) for i, value in zip(top[:k], top[k:])],
-            rank=int(origin),
-            optimizer=where.optimizer_idx,
-            global_step=where.global_step,
-        )
+        layers = [(where.names[int(i)], value) for i, value in zip(top[:k], top[k:])]
+        baseline, zscore = (loss_base, loss_z) if kind == "loss_spike" else (norm_base, norm_z)
+        return ExplosionEvent(where.step, where.epoch, kind, norm, loss, baseline, zscore, action, layers,
+                              rank=int(origin), optimizer=where.optimizer_idx, global_step=where.global_step)
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any, **kwargs: Any) -> None:

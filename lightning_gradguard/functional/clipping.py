@@ -1,39 +1,25 @@
-"""Gradient clipping rules as plain PyTorch, without a host sync: fixed and adaptive.
+"""Gradient clipping rules as plain PyTorch, fixed and adaptive, without a host sync.
 
-Rules (``g``: gradients, ``n``: global L2 norm; references in brackets):
+Rules (``g``: the gradients, ``n``: their global L2 norm):
 
-- ``"auto"`` (the default, chosen on the outcome suite of ``benchmarks/outcomes.py``): the threshold is the smaller
-  of a spike limit, ``spike_factor`` times the EMA (weight ``alpha`` on the past) of the norms the optimizer got
-  after clipping, and an explosion cap, ``explosion_cap`` from the first step at which a ``torch.optim.SGD`` step
-  ``lr * g`` (with the learning rate in force) would move the weights by more than ``explosion_ratio`` of their
-  norm. A spike never raises the limit, a sustained rise lifts it by a bounded share per step, and a healthy run
-  is left alone; Adam-like optimizers normalise the gradient, so for them only the spike limit acts.
-- ``"norm"``: ``g <- g * min(1, max_norm / n)`` [``torch.nn.utils.clip_grad_norm_``].
-- ``"value"``: ``g_i <- clamp(g_i, -clip_value, clip_value)`` [``torch.nn.utils.clip_grad_value_``].
-- ``"quantile"``: the threshold is the ``quantile`` of the last ``history_length`` norms [AutoClip, Seetharaman et
-  al. 2020; the ``autoclip`` package's ``QuantileClip(global_threshold=True)``].
-- ``"zscore"``: EMA mean and variance of the norm; a norm whose z-score exceeds ``z_thresh`` is clipped to
-  ``mean + z_thresh * std / (z / z_thresh)`` (``"adaptive_scaling"``) or to ``mean``; the EMA takes the clipped
-  norm [ZClip, Kumar et al. 2025; the ``zclip`` package].
-- ``"agc"``: unit-wise (rows of a weight, a whole bias): ``g_u <- g_u * min(1, factor * max(|W_u|, eps) / |g_u|)``
-  [Brock et al. 2021, NFNets; timm's ``adaptive_clip_grad``].
-- ``"adagc"``: per tensor, ``g_i <- g_i * min(1, factor * gamma_i / |g_i|)`` and
-  ``gamma_i <- beta * gamma_i + (1 - beta) * |clipped g_i|`` [AdaGC, Wang et al. 2025].
+- ``"auto"`` (default): the threshold is the smaller of ``spike_factor`` times the EMA (weight ``alpha`` on the past)
+  of the norms the optimizer got, and ``explosion_cap`` from the first step at which a ``torch.optim.SGD`` step
+  ``lr * g`` would move the weights by more than ``explosion_ratio`` of their norm. A spike never raises the limit;
+  Adam-like optimizers normalise the gradient, so for them only the spike limit acts.
+- ``"norm"``: ``g <- g * min(1, max_norm / n)`` (``clip_grad_norm_``); ``"value"``: ``clamp(g, -c, c)``.
+- ``"quantile"``: the ``quantile`` of the last ``history_length`` norms (AutoClip, Seetharaman et al. 2020).
+- ``"zscore"``: EMA mean and variance of the norm; a norm ``z_thresh`` deviations above the mean is clipped to
+  ``mean + z_thresh * std / (z / z_thresh)`` or to ``mean``; the EMA takes the clipped norm (ZClip, 2025).
+- ``"agc"``: per unit (a row of a weight, a whole bias) ``g <- g * min(1, factor * max(|W|, eps) / |g|)``
+  (Brock et al. 2021, NFNets; timm's ``adaptive_clip_grad``).
+- ``"adagc"``: per tensor ``g_i <- g_i * min(1, factor * gamma_i / |g_i|)``, ``gamma_i`` an EMA of its clipped norm
+  (AdaGC, Wang et al. 2025).
 
-What this module adds to the references:
-
-- **Nothing reads a device value back.** Thresholds, statistics and coefficients stay device tensors; decisions
-  are ``torch.where`` / ``fmin``; gradients are scaled with ``torch._foreach_mul_``.
-- **Non-finite steps are left alone.** When the global norm is NaN or Inf the coefficient is 1 (the gradients are
-  left for a guard or AMP's scaler) and no statistic is updated; a finite gradient never becomes non-finite.
-- **A safe start** for ``quantile``, ``zscore`` and ``adagc`` instead of an unclipped warm-up (ZClip without its
-  absolute cap lets early spikes through; autoclip does not clip its first step): during the first ``warmup_steps``
-  finite steps the threshold is ``warmup_threshold``, lowered to ``warmup_factor`` times the median of the norms it
-  let through, so a spike on the second step is clipped and never enters the statistics.
-- **An absolute cap** ``max_norm`` on top of any rule (for ``"norm"`` it is the rule).
-
-:class:`GradientClipper` holds a rule and its state for plain training loops; the callback
-:class:`~lightning_gradguard.GradientClipping` drives the same class.
+Beyond the references: thresholds, statistics and coefficients stay on the device (``torch.where``, ``fmin``); a
+step whose norm is NaN or Inf is left as it is (coefficient 1, no statistic updated); ``quantile``, ``zscore`` and
+``adagc`` start safely instead of unclipped (for ``warmup_steps`` finite steps the threshold is
+``warmup_threshold``, lowered to ``warmup_factor`` times the median of the norms it let through); ``max_norm`` caps
+any rule.
 """
 
 from __future__ import annotations
