@@ -50,6 +50,7 @@ import torch.nn.functional as F
 from lightning import LightningDataModule, LightningModule, seed_everything
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torchmetrics import MeanMetric
 
 __all__ = [
     "VOCAB_SIZE",
@@ -638,16 +639,14 @@ def evaluate(module: WorkloadModule, datamodule: WorkloadData) -> dict[str, Any]
     """
     was_training = module.training
     module.eval()
-    total, count = 0.0, 0
+    mean = MeanMetric().set_dtype(torch.float64)  # the batch means weighted by batch size, summed in float64
     try:
         for batch in datamodule.val_dataloader():
             batch = [t.to(module.device) for t in batch]
-            n = batch[0].shape[0]
-            total += float(module.compute_loss(batch)) * n
-            count += n
+            mean.update(module.compute_loss(batch).detach().double().cpu(), weight=batch[0].shape[0])
     finally:
         module.train(was_training)
-    loss = total / count
+    loss = float(mean.compute())
     finite_params = all(bool(torch.isfinite(p).all()) for p in module.parameters())
     diverged = not (finite_params and math.isfinite(loss) and loss <= module.divergence_threshold)
     return {"final_loss": loss, "diverged": diverged}

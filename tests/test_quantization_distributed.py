@@ -6,7 +6,8 @@ import torch
 
 from lightning_gradguard.functional.communication import wire_bytes
 from tests.helpers.dist import run_workers
-from tests.helpers.tb import read_jsonl, read_layout, read_scalars
+from lightning_gradguard.events import read_jsonl
+from tests.helpers.tb import read_layout, read_scalars
 
 pytestmark = pytest.mark.distributed
 
@@ -97,8 +98,8 @@ def test_compressed_bytes_and_ratio_are_logged_every_step(compressed):
 def test_nan_before_the_reduction_names_its_rank_and_leaves_the_residuals(compressed):
     _, ranks = compressed
     events = read_jsonl(ranks[0]["events_path"])
-    nan = [e for e in events if e["kind"] == "nonfinite"]
-    assert [(e["step"], e["rank"], e["action"]) for e in nan] == [(COMPRESSED["nan_step"], 1, "skipped")]
+    nan = [e for e in events if e.kind == "nonfinite"]
+    assert [(e.step, e.rank, e.action) for e in nan] == [(COMPRESSED["nan_step"], 1, "skipped")]
     for r in ranks:
         start, decisions = _steps(r["start"]), _steps(r["decisions"])
         assert decisions[COMPRESSED["nan_step"]] == [1, 0]  # skipped on both ranks

@@ -182,9 +182,8 @@ def unit_norms(tensors: Sequence[Tensor], *, device: Optional[torch.device] = No
     return _unit_norms(list(tensors), device)[0]
 
 
-def _unit_norms(items: list[Tensor], device: Optional[torch.device], units_only: bool = False) -> tuple[UnitNorms, Tensor]:
-    """:func:`unit_norms` (only its units with ``units_only``), and whether this rank's own (local) tensors were
-    finite."""
+def _unit_norms(items: list[Tensor], device: Optional[torch.device]) -> tuple[UnitNorms, Tensor]:
+    """:func:`unit_norms`, and whether this rank's own (local) tensors were finite."""
     device = device or (items[0].device if items else torch.device("cpu"))
     if not items:
         zero = torch.zeros((), device=device)
@@ -202,8 +201,6 @@ def _unit_norms(items: list[Tensor], device: Optional[torch.device], units_only:
     for i, norm in zip(whole, full_whole.split(1)):
         pieces[i] = norm
     units, counts = torch.cat(pieces), [piece.numel() for piece in pieces]
-    if units_only:
-        return UnitNorms(units, units, units, counts), units
     # a tensor's norm is the norm of its rows' norms, local to the shard under FSDP2 until reduced
     local_rows = torch.stack(torch._foreach_norm([pieces[i] for i in rows], 2.0)) if rows else local_whole[:0]
     rows_full = full_tensor_norms([items[i] for i in rows], local_rows)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +41,3 @@ def read_layout(log_dir: str | Path) -> dict[str, Any]:
     for category in layout.category:
         out[category.title] = {chart.title: list(chart.multiline.tag) for chart in category.chart}
     return out
-
-
-def read_jsonl(path: str | Path) -> list[dict]:
-    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
