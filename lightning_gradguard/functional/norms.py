@@ -48,7 +48,7 @@ def validate_norm_type(norm_type: Union[float, int, str], name: str = "norm_type
         raise TypeError(f"Expected `{name}` to be a number >= 1 or 'inf' but got {type(norm_type).__name__}")
     if math.isnan(norm_type) or norm_type < 1:
         raise ValueError(f"Expected `{name}` to be a number >= 1 or 'inf' but got {norm_type!r}")
-    return float(norm_type)
+    return float(norm_type)  # a Python number: no device value, no sync
 
 
 def as_local_tensor(t: Tensor) -> Tensor:

@@ -149,7 +149,7 @@ class RunningWindow:
             # sync: a checkpoint is being loaded, not a step taken
             saved, count = values.numel(), int(self.count)
             oldest_first = values.roll(-(count % saved))[-min(count, saved) :] if count else values[:0]
-            kept = oldest_first[-self.length :].cpu()
+            kept = oldest_first[-self.length :].cpu()  # sync: at load, as above
             values = torch.cat([kept, torch.full((self.length - kept.numel(),), math.nan)])
             self.count = to_device(torch.tensor(kept.numel()), self.count.device)
         self.values = to_device(values, self.values.device).clone()
