@@ -246,7 +246,7 @@ class QuantizedCommState:
         saved = {int(i): [tuple(s) for s in shapes] for i, shapes in self._pending.get("layout", {}).items()}
         if (self._pending.get("world_size", world) != world or any(saved.get(i) != self._layout[i] for i in indices)
                 or (complete and set(saved) != set(self._layout))):
-            warnings.warn(f"QuantizedCommState: the saved residuals belong to world size"
+            warnings.warn("QuantizedCommState: the saved residuals belong to world size"
                           f" {self._pending.get('world_size')} and bucket layout {saved}, but this run has world size"
                           f" {world} and layout {self._layout}; error feedback restarts from zero.")
             self.reset_residuals()

@@ -308,7 +308,7 @@ class GradientQuantizer:
             # a non-finite tensor gets an infinite bound: clamping counts and changes nothing there
             bound = layout.per_block(torch.where(ok_tensor, bound, math.inf)).unsqueeze(1)
             clamped = (p.abs() > bound).sum().to(x.dtype)
-            p = p.clamp(-bound, bound)  # out of place: x keeps the untouched values of the non-finite tensors
+            p = p.clamp(-bound, bound) if p is x else p.clamp_(-bound, bound)  # x keeps the non-finite tensors
             row_norms, input_sq = layout.norms(p)
         scales = row_norms if self.method == "qsgd" else None
         if self.method == "terngrad":  # one scale per tensor: its max|p|
