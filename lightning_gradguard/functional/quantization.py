@@ -169,12 +169,13 @@ class _Layout:
 
     def __init__(self, shapes: list[torch.Size], block_size: int, device: torch.device, dtype: torch.dtype) -> None:
         dtype = torch.float64 if dtype == torch.float64 else torch.float32  # the compute dtype
-        self.shapes, self.block_size = [tuple(s) for s in shapes], block_size  # tuples: faster views
+        self.shapes, self.block_size = [tuple(s) for s in shapes], block_size  # view() takes tuples faster
         self.sizes = [math.prod(s) for s in shapes]
         blocks = [-(-n // block_size) for n in self.sizes]
         self.rows = sum(blocks)
         self.pieces = [k for n, b in zip(self.sizes, blocks) for k in (n, b * block_size - n)]  # tensor, padding, ...
-        self.pads = [torch.zeros(block_size, dtype=dtype, device=device)[:k] for k in self.pieces[1::2]]
+        zeros = torch.zeros(block_size, dtype=dtype, device=device)
+        self.pads = [zeros[:k] for k in self.pieces[1::2]]
         self.blocks = torch.tensor(blocks, device=device)
         self.segment = torch.arange(len(blocks)).repeat_interleave(torch.tensor(blocks)).to(device)
         self.numel = torch.tensor(self.sizes, dtype=dtype, device=device)
