@@ -20,6 +20,7 @@ from lightning_gradguard.functional.communication import (
     pack_codes,
     quantized_allreduce_hook,
     unpack_codes,
+    wire_bytes,
 )
 from lightning_gradguard.utilities import HostSyncCounter
 
@@ -50,6 +51,13 @@ def test_pack_bit_order():
     # 3-bit codes straddle bytes: 8 codes fill 3 bytes
     codes = torch.tensor([7, 0, 0, 0, 0, 0, 0, 5], dtype=torch.uint8)
     assert pack_codes(codes, 3).tolist() == [7, 0, 5 << 5]
+    assert pack_codes(torch.tensor([1, 0, 3, 2, 0, 1, 1, 3], dtype=torch.uint8), 2).tolist() == [177, 212]
+
+
+def test_wire_bytes():
+    # 4 ranks, 2 blocks of 1256 elements per chunk: (4 + 1256) * 2 bytes per chunk and hop, to 3 ranks, plus a flag
+    assert wire_bytes(10_000, 4, 8) == 3 * (2 * 2 * (4 + 1256) + 1) == 15123
+    assert wire_bytes(10_000, 4, 1) == 3 * (2 * 2 * (4 + 1256 // 8) + 1)
 
 
 @pytest.mark.parametrize(

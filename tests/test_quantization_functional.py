@@ -297,16 +297,21 @@ def test_bad_arguments(kwargs, error, match):
 def test_encode_decode_on_blocks():
     blocks = torch.tensor([[0.5, -1.0, 0.25, 2.0], [0.0, 0.0, 0.0, 0.0], [1.0, math.nan, 0.0, 1.0]])
     codes, scales = encode(blocks, "stochastic", 7, generator=torch.Generator().manual_seed(0))
-    finite = codes[:2]  # a block that is not finite gets NaN codes: the callers keep or mask them
+    finite = codes[:2]  # the codes of a block that is not finite mean nothing: the callers keep or mask that block
     assert finite.abs().max() <= 7 and torch.equal(finite, finite.round())
     values = decode(codes, scales, 7)
     assert torch.equal(scales[:2], torch.tensor([2.0, 0.0])) and torch.equal(values[1], torch.zeros(4))
     assert torch.isnan(values[2]).all()  # a NaN scale makes the whole block NaN
     assert ((values[0] - blocks[0]).abs() <= 2.0 / 7).all()  # within one level of the input
-    # sign: one bit per element, a zero counts as positive; the scale is the mean |x|
+    # sign: the sign bit of each element (a zero counts as positive, -0.0 as negative); the scale is the mean |x|
     codes, scales = encode(blocks[:2], "sign", 1)
     assert codes.tolist() == [[1, -1, 1, 1], [1, 1, 1, 1]]
     assert torch.equal(decode(codes, scales, 1), torch.tensor([[0.9375, -0.9375, 0.9375, 0.9375], [0.0] * 4]))
+    assert encode(torch.tensor([[-0.0, 0.0]]), "sign", 1)[0].tolist() == [[-1, 1]]
+    # to nearest without a generator; decode can write into the codes
+    codes, scales = encode(torch.tensor([[0.5, -1.0, 0.26, 0.0]]), "stochastic", 1)
+    assert codes.tolist() == [[0, -1, 0, 0]] and scales.tolist() == [1.0]
+    assert decode(codes, scales, 1, out=codes) is codes and codes.tolist() == [[0, -1, 0, 0]]
 
 
 def test_terngrad_defaults_to_its_clip():

@@ -22,45 +22,25 @@ class GradientQuantization(GradGuardCallback):
     r"""Quantize the gradients to a few bits with optional error feedback: after they are ready for the optimizer
     step, or under DDP in the gradient all-reduce itself (``compress_communication=True``).
 
-    By default it simulates communication-efficient training: the optimizer gets what a low-bit all-reduce would
-    deliver. It runs after :class:`~lightning_gradguard.GradientClipping` when both are attached, on the gradients
-    after accumulation and AMP unscaling; under DDP on the averaged gradients, under FSDP2 on each local shard.
+    By default the gradients the optimizer gets, after accumulation, AMP unscaling and
+    :class:`~lightning_gradguard.GradientClipping` (under DDP averaged, under FSDP2 each local shard), go through
+    :class:`~lightning_gradguard.functional.quantization.GradientQuantizer` (formulas there): replicas draw alike, a
+    resumed run reproduces an uninterrupted one, a tensor with a NaN or Inf is left untouched, no host reads. Error
+    feedback needs ``rel_error`` well below 1 (8 and 4 bits, sign). The seed and the residuals (a float32 copy of the
+    gradients) are in ``state_dict``, under FSDP2 gathered on every rank.
 
-    Methods (:class:`~lightning_gradguard.functional.quantization.GradientQuantizer` has the math): ``"stochastic"``
-    (k-bit stochastic rounding, one scale per block of ``block_size``; unbiased), ``"qsgd"`` (``levels`` levels, the
-    block's L2 norm as scale; unbiased), ``"terngrad"`` (clip to 2.5 sigma, stochastic ternarisation), ``"sign"``
-    (``mean |p| * sign(p)``, always with error feedback). Error feedback carries ``p - Q(p)`` to the next step; it
-    needs ``rel_error`` well below 1 (8 and 4 bits, sign). ``clamp_sigma``/``clamp_quantile`` bound ``|g|`` per
-    tensor before quantizing (what is clamped is dropped, not fed back).
+    Compressed, it registers :func:`~lightning_gradguard.functional.communication.quantized_allreduce_hook` at fit
+    start (DDP, any backend): about ``32 / bits`` times fewer bytes than float32 DDP, worth it where the network bounds
+    the step. Its error feedback is per rank (default on for sign and 4 bits or more; two float32 copies of the
+    gradients). A rank's own NaN or Inf is named in the guard's event; a skipped step is undone, a rewind restores the
+    residuals of its snapshot. ``state_dict`` gathers every rank's residuals to rank 0 (a collective); each rank loads
+    its own at fit start, and another world size or bucket layout warns and restarts error feedback from zero.
 
-    Draws are seeded with ``(seed, step)`` alike on every rank (plus the shard coordinate under FSDP2): DDP replicas
-    stay bitwise identical and a resumed run reproduces an uninterrupted one. A tensor with a NaN or Inf gradient is
-    left untouched. No host reads in the step. The residuals and the seed are in ``state_dict`` (under FSDP2 gathered
-    there, on every rank). Memory: with error feedback one float32 copy of the gradients is kept between steps.
-
-    **Compressed communication** (DDP only, any backend): at fit start it registers
-    :func:`~lightning_gradguard.functional.communication.quantized_allreduce_hook` on the wrapped model. Each rank
-    sends the codes of its buckets, with one float32 scale per block, in two hops (all-to-all of chunks, all-gather of
-    their re-quantized sums): about ``32 / bits`` times fewer bytes than float32 DDP, with per-rank error feedback
-    (default on for sign and 4 bits or more; it keeps two float32 copies of the gradients, now and before the step).
-    Monitor, clipping and guard see the averaged, decompressed gradient; nothing is quantized twice. It pays where
-    the network bounds the step (multi-node runs on slow links); on one machine or a fast interconnect quantizing
-    costs more time than the bytes save. ``rounding``, ``clamp_sigma`` and ``clamp_quantile`` do not apply. FSDP2 is
-    not supported (no DDP-style hook).
-
-    - A NaN or Inf in a rank's own bucket is flagged before sending: the ExplosionGuard event names that rank.
-    - A step the guard skips is undone (``undo_step``): its quantization errors belong to gradients never applied.
-      With a rewinding guard the residuals from before each snapshot's step are kept (one more copy) and restored
-      with the snapshot.
-    - ``state_dict`` gathers every rank's residuals to rank 0, whose state Lightning writes (a collective: every rank
-      calls it when saving); the checkpoint holds world size x the gradients. At fit start each rank loads its own
-      entry; another world size or bucket layout warns and restarts error feedback from zero.
-
-    Tags, every optimizer step (``gradguard/opt<i>/...`` with several optimizers): ``gradguard/quant/rel_error``
-    (``||Q(p) - p|| / ||p||``, ``p`` the quantizer's input; compressed: the first hop's); ``gradguard/quant/clamped``
-    (fraction clamped by the outlier bound; after-step only); ``gradguard/comm/bytes`` and ``gradguard/comm/ratio``
-    (compressed only: bytes this rank sent, and how many times fewer than a float32 ring all-reduce). They form the
-    "quantization" and "communication" charts of the TensorBoard custom-scalars layout.
+    Tags, every optimizer step (``gradguard/opt<i>/...`` with several optimizers), in the "quantization" and
+    "communication" custom-scalars charts: ``gradguard/quant/rel_error`` (``||Q(p) - p|| / ||p||``, ``p`` the
+    quantizer's input; compressed: the first hop's), ``gradguard/quant/clamped`` (fraction clamped by the outlier
+    bound; after-step only), ``gradguard/comm/bytes`` and ``gradguard/comm/ratio`` (compressed only: bytes this rank
+    sent, and how many times fewer than a float32 ring all-reduce).
 
     Args:
         method: ``"stochastic"``, ``"qsgd"``, ``"terngrad"`` or ``"sign"``.
@@ -68,7 +48,7 @@ class GradientQuantization(GradGuardCallback):
         levels: levels of ``"qsgd"``; default ``2**(bits-1) - 1``.
         block_size: elements per block (scale block of ``"stochastic"``, norm bucket of ``"qsgd"``).
         rounding: ``"stochastic"`` (unbiased, the default) or ``"nearest"``; not for ``"sign"``.
-        error_feedback: carry the residual to the next step; default on for ``"sign"`` only (compressed: see above).
+        error_feedback: carry ``p - Q(p)`` to the next step; default on for ``"sign"`` only (compressed: see above).
         clamp_sigma: bound ``|g|`` per tensor at this many root-mean-squares (default 2.5 for ``"terngrad"``).
         clamp_quantile: bound ``|g|`` per tensor at this quantile of ``|g|``, in ``(0, 1]``.
         seed: base seed of the random draws (the same on every rank).
@@ -88,20 +68,10 @@ class GradientQuantization(GradGuardCallback):
 
     stage = 30
 
-    def __init__(
-        self,
-        method: Method = "stochastic",
-        bits: Optional[int] = None,
-        levels: Optional[int] = None,
-        block_size: int = 2048,
-        rounding: Optional[Rounding] = None,
-        error_feedback: Optional[bool] = None,
-        clamp_sigma: Optional[float] = None,
-        clamp_quantile: Optional[float] = None,
-        seed: int = 0,
-        compress_communication: bool = False,
-        flush_interval: Optional[int] = None,
-    ) -> None:
+    def __init__(self, method: Method = "stochastic", bits: Optional[int] = None, levels: Optional[int] = None,
+                 block_size: int = 2048, rounding: Optional[Rounding] = None, error_feedback: Optional[bool] = None,
+                 clamp_sigma: Optional[float] = None, clamp_quantile: Optional[float] = None, seed: int = 0,
+                 compress_communication: bool = False, flush_interval: Optional[int] = None) -> None:
         super().__init__(flush_interval=flush_interval)
         if not isinstance(compress_communication, bool):
             kind = type(compress_communication).__name__
@@ -118,10 +88,8 @@ class GradientQuantization(GradGuardCallback):
             return
         for name, value in (("rounding", rounding), ("clamp_sigma", clamp_sigma), ("clamp_quantile", clamp_quantile)):
             if value is not None:
-                raise ValueError(
-                    f"`{name}` does not apply with compress_communication=True (the hook rounds stochastically and"
-                    f" bounds no outliers): expected None but got {name}={value!r}"
-                )
+                raise ValueError(f"`{name}` does not apply with compress_communication=True (the hook rounds"
+                                 f" stochastically and bounds no outliers): expected None but got {name}={value!r}")
         self._comm_args = dict(method=method, bits=bits, levels=levels, block_size=block_size,
                                error_feedback=error_feedback, seed=seed)
         QuantizedCommState(**self._comm_args)  # checks the arguments now rather than at fit start
@@ -139,22 +107,19 @@ class GradientQuantization(GradGuardCallback):
     def check_setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         strategy = trainer.strategy
         if self.compress_communication and not isinstance(strategy, classes("strategies", "DDPStrategy")):
-            raise ValueError(
-                "Expected DDPStrategy (strategy='ddp') with `compress_communication=True`, whose DDP gradient"
-                f" all-reduce it replaces, but the strategy is {type(strategy).__name__}. FSDP2 and single devices"
-                " have no DDP communication to compress: use `compress_communication=False` there."
-            )
-        if self.compress_communication and ddp_comm_hook(strategy) is not None:
-            raise ValueError(
-                "`compress_communication=True` registers its own DDP communication hook, but"
-                f" `DDPStrategy(ddp_comm_hook={getattr(ddp_comm_hook(strategy), '__name__', 'hook')})` gives another:"
-                " DDP takes one hook, so expected one of the two."
-            )
+            raise ValueError("Expected DDPStrategy (strategy='ddp') with `compress_communication=True`, whose DDP"
+                             f" gradient all-reduce it replaces, but the strategy is {type(strategy).__name__}. FSDP2"
+                             " and single devices have no DDP communication to compress: use"
+                             " `compress_communication=False` there.")
+        hook = ddp_comm_hook(strategy) if self.compress_communication else None
+        if hook is not None:
+            raise ValueError("`compress_communication=True` registers its own DDP communication hook, but"
+                             f" `DDPStrategy(ddp_comm_hook={getattr(hook, '__name__', 'hook')})` gives another: DDP"
+                             " takes one hook, so expected one of the two.")
         if trainer.gradient_clip_val and not self.compress_communication:
-            rank_zero_warn(
-                "GradientQuantization: `Trainer(gradient_clip_val=...)` clips after the gradients were quantized,"
-                " rescaling the quantized values. Attach `GradientClipping` instead to clip before quantizing."
-            )
+            rank_zero_warn("GradientQuantization: `Trainer(gradient_clip_val=...)` clips after the gradients were"
+                           " quantized, rescaling the quantized values. Attach `GradientClipping` instead to clip"
+                           " before quantizing.")
 
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

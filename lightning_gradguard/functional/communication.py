@@ -1,18 +1,13 @@
 """Compressed DDP communication: a gradient all-reduce that sends low-bit codes instead of float32 values.
 
-Per bucket and rank, the two hops of ZeRO++ qgZ (Wang et al. 2023): ``p = g + e`` (the bucket plus this rank's
-error-feedback residual) is quantized blockwise (:func:`~lightning_gradguard.functional.quantization.encode`, one
-float32 scale per block) and cut into one chunk per rank; an all-to-all gives rank ``j`` every rank's codes of chunk
-``j``, which it decodes, sums and quantizes once; an all-gather sends these codes to every rank, which all decode the
-same bits (replicas stay bitwise identical) and divide by the world size. The errors of both hops go into the
-residuals (Karimireddy et al. 2019; DoubleSqueeze, Tang et al. 2019): over ``T`` steps the world size times the sum
-of the averages equals the sum of all ranks' gradients minus the sum of their residuals.
-
-A block with a NaN or Inf is sent with a NaN scale, so the average is NaN there on every rank, and each rank's flag
-travels with its second-hop codes (:attr:`CommStats.nonfinite_ranks`). A step's new residuals become current after
-its last bucket, and only if the whole reduction was finite. Codes are packed densely: ``bits`` per element for
-``"stochastic"``, ``ceil(log2(2 * levels + 1))`` for ``"qsgd"``, 2 for ``"terngrad"``, 1 for ``"sign"``. Every
-per-step decision is taken on the device. DDP only: FSDP2's reduce-scatter has no DDP-style hook.
+Per bucket, the two hops of ZeRO++ qgZ (Wang et al. 2023): each rank encodes ``p = g + e``, its bucket plus its
+residual (:func:`~lightning_gradguard.functional.quantization.encode`, one float32 scale per block), in one chunk per
+rank; an all-to-all gives rank ``j`` every rank's chunk ``j``, which it decodes, sums and encodes again; an all-gather
+sends these codes to every rank, which all decode the same bits and divide by the world size. Both hops' errors go
+into the residuals (DoubleSqueeze, Tang et al. 2019), so over ``T`` steps ``W * sum(averages) = sum(all ranks'
+gradients) - sum(their residuals)``. A block with a NaN or Inf travels with a NaN scale, so that every rank's average
+is NaN there, and each rank's flag with its second-hop codes; a step's new residuals become current only if the whole
+reduction was finite. No host reads. DDP only: FSDP2's reduce-scatter has no DDP-style hook.
 """
 
 import math
@@ -26,29 +21,21 @@ from torch import Tensor
 from lightning_gradguard.functional.quantization import (
     TERNGRAD_CLAMP_SIGMA,
     Method,
-    block_scales,
     check_error_feedback,
     check_int,
     decode,
     derive_seed,
     encode,
+    relative_error,
     resolve_levels,
 )
 
-__all__ = ["CommStats", "QuantizedCommState", "chunk_layout", "pack_codes", "quantized_allreduce_hook", "unpack_codes",
-           "wire_bytes"]
+__all__ = ["CommStats", "QuantizedCommState", "pack_codes", "quantized_allreduce_hook", "unpack_codes", "wire_bytes"]
 
 
 def pack_codes(codes: Tensor, width: int) -> Tensor:
     """Pack unsigned ``uint8`` codes below ``2**width`` (a multiple of 8 of them) into ``width`` bits each, the
-    first code in the lowest bits: 8 codes fill ``width`` bytes.
-
-    Example::
-
-        >>> packed = pack_codes(torch.tensor([1, 0, 3, 2, 0, 1, 1, 3], dtype=torch.uint8), 2)
-        >>> packed, unpack_codes(packed, 2)
-        (tensor([177, 212], dtype=torch.uint8), tensor([1, 0, 3, 2, 0, 1, 1, 3], dtype=torch.uint8))
-    """
+    first code in the lowest bits: 8 codes fill ``width`` bytes."""
     if width == 8:
         return codes
     groups = codes.view(-1, 8)
@@ -78,8 +65,7 @@ def unpack_codes(data: Tensor, width: int) -> Tensor:
 
 class CommStats(NamedTuple):
     """The last reduced step: bytes this rank sent, those of a float32 ring all-reduce (``2 (W-1)/W * 4 * numel``),
-    this rank's first-hop ``||Q(p) - p|| / ||p||`` (a device scalar) and a device flag per rank: its own gradients had
-    a NaN or Inf."""
+    this rank's first-hop ``||Q(p) - p|| / ||p||`` and a flag per rank: its own gradients had a NaN or Inf."""
 
     bytes_sent: int
     fp32_bytes: int
@@ -92,15 +78,9 @@ class CommStats(NamedTuple):
         return self.fp32_bytes / max(self.bytes_sent, 1)
 
 
-def chunk_layout(numel: int, world_size: int, block_size: int) -> tuple[int, int]:
+def _chunk_layout(numel: int, world_size: int, block_size: int) -> tuple[int, int]:
     """``(blocks, block_len)`` of each of the ``world_size`` chunks of a bucket: ``block_len`` is at most
-    ``block_size`` rounded up to a multiple of 8 (whole bytes at any code width).
-
-    Example::
-
-        >>> chunk_layout(10_000, 4, 2048)
-        (2, 1256)
-    """
+    ``block_size`` rounded up to a multiple of 8 (whole bytes at any code width)."""
     target = -(-numel // world_size)
     blocks = -(-target // block_size)
     return blocks, (-(-target // blocks) + 7) // 8 * 8
@@ -108,52 +88,43 @@ def chunk_layout(numel: int, world_size: int, block_size: int) -> tuple[int, int
 
 def wire_bytes(numel: int, world_size: int, width: int, block_size: int = 2048) -> int:
     """Bytes one rank sends to reduce a bucket of ``numel`` elements: to each of the ``W - 1`` other ranks, a chunk
-    of ``width``-bit codes with its float32 block scales in each hop, and a non-finite flag byte in the second.
-
-    Example::
-
-        >>> wire_bytes(10_000, 4, 8), 2 * 3 / 4 * 4 * 10_000  # against a float32 ring all-reduce
-        (15123, 60000.0)
-    """
-    blocks, block_len = chunk_layout(numel, world_size, block_size)
+    of ``width``-bit codes with its float32 block scales in each hop, and a non-finite flag byte in the second."""
+    blocks, block_len = _chunk_layout(numel, world_size, block_size)
     row = 4 * blocks + blocks * block_len * width // 8
     return (world_size - 1) * (2 * row + 1)
 
 
 class _Bucket:
-    """One DDP bucket (see :func:`chunk_layout`) and this rank's residuals for it."""
+    """One DDP bucket (see ``_chunk_layout``), this rank's residuals for it (the current one, and the one from before
+    the step, where the step's new one is built) and its generator (the hops of a bucket draw one after the other)."""
 
     def __init__(self, params: list[Tensor], numel: int, world: int, block_size: int, ef: bool) -> None:
         self.params, self.numel = params, numel
-        self.blocks, self.block_len = chunk_layout(numel, world, block_size)
+        self.blocks, self.block_len = _chunk_layout(numel, world, block_size)
         self.chunk = self.blocks * self.block_len
         device = params[0].device
         self.residual = torch.zeros(world * self.chunk, device=device) if ef else None
         self.previous = torch.zeros(world * self.chunk, device=device) if ef else None
-
-    def matches(self, params: list[Tensor]) -> bool:
-        return len(params) == len(self.params) and all(a is b for a, b in zip(params, self.params))
+        self.generator = torch.Generator(device=device)
 
 
 class QuantizedCommState:
     r"""State of :func:`quantized_allreduce_hook`: the method, this rank's residuals and the last step's statistics.
 
     Args:
-        method: ``"stochastic"``, ``"qsgd"``, ``"terngrad"`` (per block: clip to 2.5 sigma, ternarize) or
-            ``"sign"`` (per block ``mean|p|`` times the sign bit).
+        method: ``"stochastic"``, ``"qsgd"``, ``"terngrad"`` (per block: clip to 2.5 sigma, ternarize; 2-bit codes)
+            or ``"sign"`` (per block ``mean|p|`` times the sign bit; 1 bit).
         bits: code width of ``"stochastic"``, 2 to 8 (default 8); for ``"qsgd"`` the default of ``levels``.
-        levels: levels of ``"qsgd"``, 1 to 127.
+        levels: levels of ``"qsgd"``, 1 to 127: codes of ``ceil(log2(2 * levels + 1))`` bits.
         block_size: at most this many elements share a scale.
-        error_feedback: default on for ``"sign"`` (required) and 4 bits or more, where ``||Q(p) - p|| < ||p||``;
-            off where the error can exceed the input and would grow when fed back (2 and 3 bits, ``"terngrad"``,
-            ``"qsgd"`` under 7 levels).
+        error_feedback: default on where ``||Q(p) - p|| < ||p||`` (sign, 4 bits or more, qsgd from 7 levels), off
+            where the fed-back error would grow (2 and 3 bits, terngrad).
         seed: base of the random draws, seeded per ``(step, bucket, rank, hop)``.
-        process_group: the DDP process group (default: the world). The second hop runs on a twin group, so that it
-            can be issued from the first hop's completion callbacks in bucket order.
+        process_group: the DDP process group (default: the world); the second hop runs on a twin group, issued from
+            the first hop's completion callbacks in bucket order.
 
-    After each backward pass :attr:`stats` describes the step. A step the optimizer skips calls :meth:`undo_step`.
-    The residuals differ per rank: checkpoint every rank's :meth:`state_dict` and load each rank its own; a load on
-    another world size or bucket layout warns and restarts error feedback from zero.
+    :attr:`stats` describes the last step; a step the optimizer skips calls :meth:`undo_step`. Each rank saves and
+    loads its own :meth:`state_dict`; on another world size or bucket layout a load restarts error feedback from zero.
 
     Raises:
         TypeError, ValueError: for arguments of the wrong type, out of range, or that do not apply to ``method``.
@@ -187,14 +158,12 @@ class QuantizedCommState:
         self._layout: dict[int, list[tuple[int, ...]]] = {}  # DDP's first bucket layout: the keys' reference
         self._pending: Optional[dict[str, Any]] = None  # a loaded state_dict not imported yet
         self._committed: list[_Bucket] = []  # buckets whose residual the step updates (new one in `previous`)
-        self._generators: dict[tuple[torch.device, int], torch.Generator] = {}
         self._reset_stats(torch.device("cpu"), 1)
 
     @property
     def stats(self) -> CommStats:
         """The statistics of the last step reduced (read them after the backward pass, before the next one)."""
-        rel_error = (self._error_sq / self._input_sq.clamp(min=1e-30)).sqrt()
-        return CommStats(self._bytes, self._fp32_bytes, rel_error, self._nonfinite)
+        return CommStats(self._bytes, self._fp32_bytes, relative_error(self._error_sq, self._input_sq), self._nonfinite)
 
     def reset_residuals(self) -> None:
         """Zero this rank's residuals (and drop a loaded state not imported yet)."""
@@ -205,8 +174,8 @@ class QuantizedCommState:
         self._pending, self._committed = None, []
 
     def undo_step(self) -> None:
-        """Restore the residuals from before the last step, for a step the optimizer skipped: its quantization error
-        belongs to gradients never applied. Call it after the backward pass; a second call does nothing."""
+        """After the backward pass of a step the optimizer skips: restore the residuals from before it (its errors
+        belong to gradients never applied); a second call does nothing."""
         for bucket in self._committed:
             bucket.residual, bucket.previous = bucket.previous, bucket.residual
         self._committed = []
@@ -218,7 +187,7 @@ class QuantizedCommState:
             return dict(self._pending)
         undone = {id(bucket) for bucket in self._committed} if before_last_step else set()
         residuals = {key: (b.previous if id(b) in undone else b.residual)[o : o + p.numel()].view_as(p).clone()
-                     for key, b, o, p in self._residual_slots()}
+                     for key, b, o, p in self._slots.values() if b.residual is not None}
         world = dist.get_world_size(self.process_group) if dist.is_initialized() else 1
         return {"step": self.step, "world_size": world, "layout": dict(self._layout), "residuals": residuals}
 
@@ -227,19 +196,12 @@ class QuantizedCommState:
         self.reset_residuals()
         self._pending = dict(state_dict)
         if self._layout:  # DDP's first layout is known: import now, else as its buckets appear
-            self._import(list(self._layout))
-            if self._pending is not None:
-                self._check_complete()
-
-    # ------------------------------------------------------------------------------------------------------------
-    def _residual_slots(self) -> list[tuple[str, _Bucket, int, Tensor]]:
-        """``(key, bucket, offset, parameter)`` of every parameter with a residual, in the current layout."""
-        return [slot for slot in self._slots.values() if slot[1].residual is not None]
+            self._import(list(self._layout), complete=True)
 
     def _begin_step(self, device: torch.device, world: int) -> None:
         self.step += 1
         if self._pending is not None and self._layout:  # DDP's first layout is complete: every bucket was seen
-            self._check_complete()
+            self._import([], complete=True)
         self._reset_stats(device, world)
 
     def _reset_stats(self, device: torch.device, world: int) -> None:
@@ -256,11 +218,10 @@ class QuantizedCommState:
             bucket.residual, bucket.previous = bucket.previous, bucket.residual
 
     def _bucket(self, bucket: Any, world: int) -> _Bucket:
-        """The layout of ``bucket``, rebuilt when DDP changed its parameters (it does after the first iteration),
-        carrying each parameter's residual over."""
+        """The layout of ``bucket``, rebuilt with the residuals carried over when DDP changed its parameters."""
         index, params = bucket.index(), bucket.parameters()
         current = self._buckets.get(index)
-        if current is not None and current.matches(params):
+        if current is not None and list(map(id, params)) == list(map(id, current.params)):  # held there: ids stay valid
             return current
         new = _Bucket(params, bucket.buffer().numel(), world, self.block_size, self.error_feedback)
         first = all(id(p) not in self._slots for p in params)  # a bucket of DDP's first layout
@@ -278,57 +239,38 @@ class QuantizedCommState:
             self._import([index])
         return new
 
-    def _import(self, indices: list[int]) -> None:
-        """Copy the loaded residuals of the parameters of DDP's first-layout buckets ``indices`` into place, after
-        checking the world size and those buckets against the saved ones."""
+    def _import(self, indices: list[int], complete: bool = False) -> None:
+        """Copy the loaded residuals of DDP's first-layout buckets ``indices`` into place, if the world size and those
+        buckets (with ``complete``, all of them) are the saved ones; else warn and restart error feedback from zero."""
         world = dist.get_world_size(self.process_group)
-        saved = self._saved_layout()
-        if self._pending.get("world_size", world) != world or any(saved.get(i) != self._layout[i] for i in indices):
-            self._mismatch()
+        saved = {int(i): [tuple(s) for s in shapes] for i, shapes in self._pending.get("layout", {}).items()}
+        if (self._pending.get("world_size", world) != world or any(saved.get(i) != self._layout[i] for i in indices)
+                or (complete and set(saved) != set(self._layout))):
+            warnings.warn("QuantizedCommState: the saved residuals belong to world size"
+                          f" {self._pending.get('world_size')} and bucket layout {saved}, but this run has world size"
+                          f" {world} and layout {self._layout}; error feedback restarts from zero.")
+            self.reset_residuals()
             return
         residuals = self._pending.get("residuals", {})
-        for key, bucket, offset, p in self._residual_slots():
-            if key in residuals and int(key.split(".")[0]) in indices:
+        for key, bucket, offset, p in self._slots.values():
+            if key in residuals and bucket.residual is not None and int(key.split(".")[0]) in indices:
                 bucket.residual[offset : offset + p.numel()] = residuals[key].reshape(-1)
+        if complete:
+            self._pending = None
 
-    def _check_complete(self) -> None:
-        """After DDP's first layout was imported bucket by bucket: the saved layout has no other bucket."""
-        if set(self._saved_layout()) != set(self._layout):
-            self._mismatch()
-        self._pending = None
-
-    def _saved_layout(self) -> dict[int, list[tuple[int, ...]]]:
-        return {int(i): [tuple(s) for s in shapes] for i, shapes in self._pending.get("layout", {}).items()}
-
-    def _mismatch(self) -> None:
-        world = dist.get_world_size(self.process_group)
-        warnings.warn(
-            f"QuantizedCommState: the saved residuals belong to world size {self._pending.get('world_size')} and"
-            f" bucket layout {self._saved_layout()}, but this run has world size {world} and layout {self._layout};"
-            " error feedback restarts from zero."
-        )
-        self.reset_residuals()
-
-    def _generator(self, device: torch.device, *keys: int) -> torch.Generator:
-        # one generator per hop: the second hop draws on a communication thread while the first draws on DDP's
-        generator = self._generators.setdefault((device, keys[-1]), torch.Generator(device=device))
-        return generator.manual_seed(derive_seed(self.seed, self.step, *keys))
-
-    def _payload(self, flat: Tensor, rows: int, layout: _Bucket, generator: Any) -> tuple[Tensor, Tensor, Tensor]:
-        """Quantize ``flat``: ``rows`` rows of bytes ``[float32 block scales | packed codes]`` (NaN scales for blocks
-        that are not finite), the decoded values, and whether any block is not finite (a device flag)."""
-        block_len = layout.block_len
-        blocks = flat.view(-1, block_len)
-        if self.method == "terngrad":
-            bound = TERNGRAD_CLAMP_SIGMA / math.sqrt(block_len) * torch.linalg.vector_norm(blocks, dim=1, keepdim=True)
-            blocks = torch.minimum(torch.maximum(blocks, -bound), bound)
-        scales = block_scales(blocks, self.method)
+    def _payload(self, flat: Tensor, rows: int, layout: _Bucket, *keys: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Quantize ``flat`` with draws seeded by ``(seed, step, *keys)``: ``rows`` rows of bytes ``[float32 block
+        scales | packed codes]``, the decoded values, and whether any block is not finite (a device flag)."""
+        generator = layout.generator.manual_seed(derive_seed(self.seed, self.step, *keys))
+        blocks = flat.view(-1, layout.block_len)
+        if self.method == "terngrad":  # per block: clip to TERNGRAD_CLAMP_SIGMA root mean squares
+            rms = torch.linalg.vector_norm(blocks, dim=1, keepdim=True) / math.sqrt(layout.block_len)
+            blocks = blocks.clamp(-TERNGRAD_CLAMP_SIGMA * rms, TERNGRAD_CLAMP_SIGMA * rms)
+        codes, scales = encode(blocks, self.method, self.levels, generator=generator)
         finite = torch.isfinite(scales)
-        # NaN codes would not fit in the bytes: the blocks that are not finite are coded as zeros with a NaN scale
-        safe = torch.where(finite.unsqueeze(1), blocks, blocks.new_zeros(()))  # a 0-d tensor: a Python 0.0 is slower
-        codes, _ = encode(safe, self.method, self.levels, scales=torch.where(finite, scales, 0.0), generator=generator)
+        # a block that is not finite travels as zero codes (NaN codes do not fit in the bytes) with a NaN scale
         scales = torch.where(finite, scales, math.nan)
-        decoded = decode(codes, scales, self.levels).view(-1)
+        decoded = decode(codes.nan_to_num_(0.0), scales, self.levels).view(-1)
         unsigned = (codes > 0) if self.method == "sign" else codes.add_(self.levels)
         packed = pack_codes(unsigned.to(torch.uint8).view(-1), self.width)
         payload = torch.cat([scales.view(rows, -1).view(torch.uint8), packed.view(rows, -1)], 1)
@@ -339,24 +281,14 @@ class QuantizedCommState:
         scales = rows[:, : 4 * layout.blocks].contiguous().view(torch.float32)
         unsigned = unpack_codes(rows[:, 4 * layout.blocks :].contiguous().view(-1), self.width).float()
         codes = unsigned.mul_(2).sub_(1) if self.method == "sign" else unsigned.sub_(self.levels)
-        values = decode(codes.view(-1, layout.block_len), scales.view(-1), self.levels)
-        return values.view(rows.shape[0], -1), scales
+        codes = codes.view(-1, layout.block_len)
+        return decode(codes, scales.view(-1), self.levels, out=codes).view(rows.shape[0], -1), scales
 
 
 def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket) -> torch.futures.Future[Tensor]:
-    """Average ``bucket`` over the ranks with quantized codes in two hops (see the module docstring).
-
-    Register it with ``ddp_model.register_comm_hook(state, quantized_allreduce_hook)``. Works on any backend with
-    ``all_to_all_single`` and ``all_gather_single`` (gloo, NCCL).
-
-    Example::
-
-        >>> state = QuantizedCommState("stochastic", bits=8)
-        >>> ddp_model.register_comm_hook(state, quantized_allreduce_hook)  # doctest: +SKIP
-        >>> loss.backward()  # doctest: +SKIP
-        >>> stats = state.stats  # doctest: +SKIP
-        >>> stats.bytes_sent, stats.ratio, stats.rel_error, stats.nonfinite_ranks  # doctest: +SKIP
-    """
+    """Average ``bucket`` over the ranks with quantized codes in two hops (see the module docstring), on any backend
+    with ``all_to_all_single`` and ``all_gather_single`` (gloo, NCCL). Register it with
+    ``ddp_model.register_comm_hook(state, quantized_allreduce_hook)``; after each backward, read ``state.stats``."""
     buffer, index = bucket.buffer(), bucket.index()
     group = state.process_group if state.process_group is not None else dist.group.WORLD
     world, rank = dist.get_world_size(group), dist.get_rank(group)
@@ -366,13 +298,10 @@ def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket)
         state._begin_step(buffer.device, world)
     layout = state._bucket(bucket, world)
     n, chunk, residual = layout.numel, layout.chunk, layout.residual
-    p = torch.empty(world * chunk, device=buffer.device)
+    p = torch.empty(world * chunk, device=buffer.device)  # the bucket plus its residual, zero-padded to whole chunks
     p[n:] = 0.0
-    if residual is None:
-        p[:n] = buffer
-    else:
-        torch.add(residual[:n], buffer, out=p[:n])
-    send, decoded, local_bad = state._payload(p, world, layout, state._generator(buffer.device, index, rank, 1))
+    torch.add(buffer, residual[:n] if residual is not None else 0.0, out=p[:n])
+    send, decoded, local_bad = state._payload(p, world, layout, index, rank, 1)
     # the new residual waits in `previous` until the end of the step
     error = torch.sub(p, decoded, out=layout.previous) if residual is not None else p - decoded
     state._error_sq += torch.where(local_bad, 0.0, torch.linalg.vector_norm(error[:n]).square())
@@ -392,7 +321,7 @@ def quantized_allreduce_hook(state: QuantizedCommState, bucket: dist.GradBucket)
         fut.wait()  # an error of the first hop surfaces here
         total = state._values(received, layout)[0].sum(0)
         total[max(n - rank * chunk, 0) :] = 0.0  # the padding of this rank's chunk
-        own, own_decoded, _ = state._payload(total, 1, layout, state._generator(total.device, index, rank, 2))
+        own, own_decoded, _ = state._payload(total, 1, layout, index, rank, 2)
         payload = torch.cat([local_bad.view(1).to(torch.uint8), own.view(-1)])
         gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=payload.device)
         dist.all_gather_single(gathered, payload, group=state._gather_group)

@@ -9,10 +9,9 @@
 
 Error feedback: ``p = g + e`` is quantized and ``e <- p - Q(p)`` carried over, so over ``T`` calls ``sum(Q) = sum(g)
 - e_T``. An outlier bound (``clamp_sigma``, or ``clamp_quantile`` estimated from ``QUANTILE_SAMPLES`` elements per
-tensor) clamps ``p`` first; what it removes is dropped, not fed back. The tensors of a (device, dtype, shard) group
-share one zero-padded ``(blocks, block_size)`` buffer, each from a block boundary. Draws are seeded with
-:func:`derive_seed` of ``(seed, step, stream, group, shard coordinate)``: DDP replicas draw alike, FSDP2 shards
-independently, a resumed run as the uninterrupted one. Non-finite tensors are left untouched and keep their residual.
+tensor) clamps ``p`` first; what it removes is dropped, not fed back. Draws are seeded with :func:`derive_seed` of
+``(seed, step, stream, group, shard coordinate)``: DDP replicas draw alike, FSDP2 shards independently, a resumed run
+as the uninterrupted one. Non-finite tensors are left untouched and keep their residual.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal, Optional
 
@@ -36,7 +35,7 @@ except ImportError:  # pragma: no cover - torch builds without distributed suppo
 
 __all__ = ["METHODS", "QUANTILE_SAMPLES", "TERNGRAD_CLAMP_SIGMA", "GradientQuantizer", "QuantizationStats",
            "block_scales", "check_error_feedback", "check_int", "decode", "derive_seed", "encode", "levels_for_bits",
-           "quantize", "resolve_levels", "shard_coordinate"]
+           "quantize", "relative_error", "resolve_levels"]
 
 Method = Literal["stochastic", "qsgd", "terngrad", "sign"]
 Rounding = Literal["stochastic", "nearest"]
@@ -66,19 +65,15 @@ def levels_for_bits(bits: int) -> int:
 def check_int(value: Any, name: str, low: int, high: Optional[int] = None) -> int:
     """``value`` if it is an integer in ``[low, high]``; a ``TypeError``/``ValueError`` naming ``name`` otherwise."""
     expected = f"an integer in [{low}, {high}]" if high is not None else f"an integer >= {low}"
-    if isinstance(value, bool) or not isinstance(value, int):
+    return _check_number(value, name, expected, lambda v: low <= v and (high is None or v <= high), int)
+
+
+def _check_number(value: Any, name: str, expected: str, valid: Callable[[Any], bool], kind: Any = (int, float)) -> Any:
+    if isinstance(value, bool) or not isinstance(value, kind):
         raise TypeError(f"Expected `{name}` to be {expected} but got {type(value).__name__}")
-    if value < low or (high is not None and value > high):
+    if not valid(value):
         raise ValueError(f"Expected `{name}` to be {expected} but got {value!r}")
     return value
-
-
-def _check_real(value: Any, name: str, expected: str, valid: bool) -> Optional[float]:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
-        raise TypeError(f"Expected `{name}` to be {expected} or None but got {type(value).__name__}")
-    if value is not None and not valid:
-        raise ValueError(f"Expected `{name}` to be {expected} or None but got {value!r}")
-    return None if value is None else float(value)
 
 
 def resolve_levels(method: str, bits: Optional[int], levels: Optional[int]) -> int:
@@ -109,61 +104,50 @@ def check_error_feedback(method: str, error_feedback: Any) -> Optional[bool]:
     return error_feedback
 
 
-def shard_coordinate(t: Tensor) -> tuple[int, ...]:
-    """This rank's coordinate on the mesh dimensions along which the ``DTensor`` ``t`` is sharded (``()`` for a plain
-    tensor; replicated dimensions are left out, so that replicas of a shard draw alike)."""
-    if DTensor is None or not isinstance(t, DTensor):
-        return ()
-    coordinate = t.device_mesh.get_coordinate() or []
-    return tuple(int(coordinate[d]) for d, placement in enumerate(t.placements) if placement.is_shard())
-
-
 def block_scales(blocks: Tensor, method: str) -> Tensor:
     """The scale of each row of ``blocks``: ``max|x|`` (stochastic, terngrad), ``||x||`` (qsgd), ``mean|x|`` (sign).
     NaN or Inf for a row that is not finite (or whose norm overflows)."""
     if method == "qsgd":
         return torch.linalg.vector_norm(blocks, dim=1)
     if method == "sign":
-        return torch.linalg.vector_norm(blocks, 1, dim=1) / max(blocks.shape[1], 1)
-    return blocks.abs().amax(1)
+        return blocks.abs().mean(1)
+    return torch.maximum(blocks.amax(1), blocks.amin(1).neg())  # max|x| without a copy of |x|
 
 
 def encode(blocks: Tensor, method: str, levels: int, *, scales: Optional[Tensor] = None,
            generator: Optional[torch.Generator] = None) -> tuple[Tensor, Tensor]:
     """Integer codes in ``[-levels, levels]`` (a float tensor) and the scale of each row of the 2-D ``blocks``
-    (default: :func:`block_scales`). ``"sign"`` codes are ``-1`` for negative values, ``+1`` otherwise. With a
-    ``generator``, stochastic rounding ``floor(y + u)``, ``u`` uniform in ``[0, 1)``; else to nearest, ties to even.
-
-    Example::
-
-        >>> codes, scales = encode(torch.tensor([[0.5, -1.0, 0.26, 0.0]]), "stochastic", 1)
-        >>> codes, scales, decode(codes, scales, 1)
-        (tensor([[ 0., -1.,  0.,  0.]]), tensor([1.]), tensor([[ 0., -1.,  0.,  0.]]))
-    """
+    (default: :func:`block_scales`): ``y = x * levels / scale`` rounded stochastically, ``floor(y + u)`` with ``u``
+    uniform in ``[0, 1)`` from ``generator``, or without one to nearest (ties to even). ``"sign"`` codes are the sign
+    bits (``-1`` for negative values and ``-0.0``). The codes of a row that is not finite mean nothing."""
     if scales is None:
         scales = block_scales(blocks, method)
-    if method == "sign":  # a zero counts as positive: one bit per element
-        return torch.sign(blocks).add_(blocks == 0), scales
+    if method == "sign":
+        return torch.copysign(blocks.new_ones(()), blocks), scales
     column = scales.unsqueeze(1)
-    # a zero row quantizes to zero with any scale: 1 avoids 0 / 0
-    y = blocks * (levels / torch.where(column > 0, column, 1.0))
+    multiplier = levels / torch.where(column > 0, column, 1.0)  # a zero row has codes 0 with any scale: 1 avoids 0 / 0
     if generator is None:
-        codes = y.round()
-    else:
-        codes = y.add_(torch.rand(y.shape, generator=generator, dtype=y.dtype, device=y.device)).floor_()
+        codes = torch.mul(blocks, multiplier).round_()
+    else:  # E[floor(y + u)] = y
+        codes = torch.rand(blocks.shape, generator=generator, dtype=blocks.dtype, device=blocks.device)
+        codes.addcmul_(blocks, multiplier).floor_()
     # |y| <= levels up to the rounding of the multiplier: the clamp keeps every code in range
     return codes.clamp_(-levels, levels), scales
 
 
-def decode(codes: Tensor, scales: Tensor, levels: int) -> Tensor:
-    """The values of :func:`encode`'s ``codes``: ``codes * scale / levels`` per row (NaN where a scale is NaN)."""
-    return codes * (scales / levels).unsqueeze(1)
+def decode(codes: Tensor, scales: Tensor, levels: int, *, out: Optional[Tensor] = None) -> Tensor:
+    """The values of :func:`encode`'s ``codes``, ``codes * scale / levels`` per row, into ``out`` (may be ``codes``)."""
+    return torch.mul(codes, (scales / levels).unsqueeze(1), out=out)
+
+
+def relative_error(error_sq: Tensor, input_sq: Tensor) -> Tensor:
+    """``||Q(p) - p|| / ||p||`` from the squares of both (0 for ``p = 0``: the clamp)."""
+    return (error_sq / input_sq.clamp(min=torch.finfo(input_sq.dtype).tiny)).sqrt()
 
 
 @dataclass
 class QuantizationStats:
-    """Device scalars of one call over the tensors quantized: squared error and input norm, elements clamped, elements
-    quantized."""
+    """One call's device scalars: squared error and input norm (after the outlier bound), clamped and total elements."""
 
     error_sq: Tensor
     input_sq: Tensor
@@ -172,8 +156,7 @@ class QuantizationStats:
 
     @property
     def rel_error(self) -> Tensor:
-        """``||Q(p) - p|| / ||p||``, ``p`` the input after the outlier bound (0 for ``p = 0``: the clamp)."""
-        return (self.error_sq / self.input_sq.clamp(min=torch.finfo(self.input_sq.dtype).tiny)).sqrt()
+        return relative_error(self.error_sq, self.input_sq)
 
     @property
     def clamped_fraction(self) -> Tensor:
@@ -181,30 +164,45 @@ class QuantizationStats:
 
 
 class _Layout:
-    """Where a group's tensors sit in its ``(blocks, block_size)`` view; index tensors built once (a host-to-device
-    copy per step would stall an accelerator)."""
+    """Where a group's tensors sit in its ``(rows, block_size)`` buffer: each from a row boundary, zero-padded to the
+    next. The index tensors are built once: a host-to-device copy per step would stall an accelerator."""
 
     def __init__(self, shapes: list[torch.Size], block_size: int, device: torch.device, dtype: torch.dtype) -> None:
-        self.shapes = shapes
+        dtype = torch.float64 if dtype == torch.float64 else torch.float32  # the compute dtype
+        self.shapes, self.block_size = [tuple(s) for s in shapes], block_size  # view() takes tuples faster
         self.sizes = [math.prod(s) for s in shapes]
-        self.block_size = block_size
         blocks = [-(-n // block_size) for n in self.sizes]
         self.rows = sum(blocks)
-        starts = [0, *itertools.accumulate(b * block_size for b in blocks[:-1])]
-        self.segment = torch.tensor([i for i, b in enumerate(blocks) for _ in range(b)], dtype=torch.long).to(device)
-        self.starts = torch.tensor(starts).to(device)
-        self.numel = torch.tensor(self.sizes, dtype=dtype).to(device)
+        self.pieces = [k for n, b in zip(self.sizes, blocks) for k in (n, b * block_size - n)]  # tensor, padding, ...
+        zeros = torch.zeros(block_size, dtype=dtype, device=device)
+        self.pads = [zeros[:k] for k in self.pieces[1::2]]
+        self.blocks = torch.tensor(blocks, device=device)
+        self.segment = torch.arange(len(blocks)).repeat_interleave(torch.tensor(blocks)).to(device)
+        self.numel = torch.tensor(self.sizes, dtype=dtype, device=device)
+        bounds = torch.tensor([0, *itertools.accumulate(self.pieces)]).unsqueeze(1)  # where each piece starts
+        self.starts, self.last = bounds[:-1:2].to(device), (bounds[1::2] - 1).clamp(min=0).to(device)
+        self.generator = torch.Generator(device=device)  # seeded at every call
+
+    def buffer(self, tensors: Sequence[Optional[Tensor]]) -> Tensor:
+        """A copy of ``tensors`` (``None``: zeros) in this layout, in the compute dtype."""
+        flat = [self.pads[0].new_zeros(n) if t is None else t.reshape(-1) for t, n in zip(tensors, self.sizes)]
+        return torch.cat([piece for pair in zip(flat, self.pads) for piece in pair]).view(self.rows, self.block_size)
 
     def views(self, buffer: Tensor) -> list[Tensor]:
-        pieces = buffer.view(-1).split([-(-n // self.block_size) * self.block_size for n in self.sizes])
-        return [piece[:n].view(shape) for piece, n, shape in zip(pieces, self.sizes, self.shapes)]
+        return [piece.view(shape) for piece, shape in zip(buffer.view(-1).split(self.pieces)[::2], self.shapes)]
 
     def per_block(self, per_tensor: Tensor) -> Tensor:
         return per_tensor.index_select(0, self.segment)
 
+    def per_tensor(self, per_block: Tensor, reduce: str) -> Tensor:
+        # deterministic on every device, unlike an index_add_, so that replicas agree bitwise; `unsafe` skips a check
+        # that reads the lengths back to the host
+        return torch.segment_reduce(per_block, reduce, lengths=self.blocks, unsafe=True, initial=0)
 
-def _norms(tensors: list[Tensor], ord: float = 2.0) -> Tensor:
-    return torch.stack(torch._foreach_norm(tensors, ord))
+    def norms(self, blocks: Tensor) -> tuple[Tensor, Tensor]:
+        """The norm of each row of ``blocks`` and the squared norm of each tensor."""
+        rows = torch.linalg.vector_norm(blocks, dim=1)
+        return rows, self.per_tensor(rows.square(), "sum")
 
 
 class GradientQuantizer:
@@ -214,7 +212,7 @@ class GradientQuantizer:
         method: ``"stochastic"``, ``"qsgd"``, ``"terngrad"`` or ``"sign"`` (formulas in the module docstring).
         bits: code width of ``"stochastic"``, 2 to 8 (default 8); for ``"qsgd"`` the default of ``levels``.
         levels: ``s`` of ``"qsgd"`` only (default: ``2**(bits-1) - 1``).
-        block_size: elements per block (the scale block of ``"stochastic"``, the norm bucket of ``"qsgd"``).
+        block_size: elements per block, one scale each (``"stochastic"``, ``"qsgd"``), from each tensor's start.
         rounding: ``"stochastic"`` (unbiased, the default) or ``"nearest"`` (ties to even); not for ``"sign"``.
         error_feedback: carry ``p - Q(p)`` to the next call; default on for ``"sign"`` (always), off otherwise.
         clamp_sigma: clamp ``|g|`` per tensor to this many root mean squares (default 2.5 for ``"terngrad"``).
@@ -247,124 +245,109 @@ class GradientQuantizer:
             raise ValueError(f"method='sign' has no rounding step but got rounding={rounding!r}")
         self.rounding = rounding or "stochastic"
         self.error_feedback = bool(check_error_feedback(method, error_feedback)) or method == "sign"
-        sigma_ok = isinstance(clamp_sigma, (int, float)) and math.isfinite(clamp_sigma) and clamp_sigma > 0
-        self.clamp_sigma = _check_real(clamp_sigma, "clamp_sigma", "a positive finite number", sigma_ok)
-        quantile_ok = isinstance(clamp_quantile, (int, float)) and 0 < clamp_quantile <= 1
-        self.clamp_quantile = _check_real(clamp_quantile, "clamp_quantile", "a number in (0, 1]", quantile_ok)
+        if clamp_sigma is not None:
+            _check_number(clamp_sigma, "clamp_sigma", "a positive finite number or None", lambda v: 0 < v < math.inf)
+        if clamp_quantile is not None:
+            _check_number(clamp_quantile, "clamp_quantile", "a number in (0, 1] or None", lambda v: 0 < v <= 1)
+        self.clamp_sigma = None if clamp_sigma is None else float(clamp_sigma)
+        self.clamp_quantile = None if clamp_quantile is None else float(clamp_quantile)
         if self.clamp_sigma is not None and self.clamp_quantile is not None:
             raise ValueError(f"Expected at most one of `clamp_sigma` and `clamp_quantile` but got {clamp_sigma} and"
                              f" {clamp_quantile}")
         if method == "terngrad" and self.clamp_sigma is None and self.clamp_quantile is None:
             self.clamp_sigma = TERNGRAD_CLAMP_SIGMA
         self.seed = check_int(seed, "seed", 0)
-        self._layouts: dict[tuple, _Layout] = {}  # by the shapes, dtype and device of a group's tensors
+        self._layouts: dict[tuple, _Layout] = {}  # by the device, dtype and shapes of a group's tensors
         self._residuals: dict[int, dict[str, Tensor]] = {}  # stream -> name -> local residual (compute dtype)
         self._specs: dict[int, dict[str, Optional[tuple]]] = {}  # stream -> name -> DTensor spec of the gradient
         self._pending: dict[int, dict[str, Tensor]] = {}  # loaded from a checkpoint (full tensors), not imported
-        self._generators: dict[torch.device, torch.Generator] = {}
 
     def quantize_(self, tensors: Sequence[Optional[Tensor]], step: int, *, names: Optional[Sequence[str]] = None,
                   stream: int = 0) -> QuantizationStats:
-        """Quantize ``tensors`` in place (a ``DTensor``'s local shard; ``None`` entries are skipped and lose their
-        residual) and return the statistics. ``step`` and ``stream`` (one per optimizer: own draws, own residuals)
-        determine the draws; ``names`` key the residuals (default: the positions)."""
+        """Quantize ``tensors`` in place (a ``DTensor``'s local shard; ``None``: skipped, its residual dropped).
+        ``step`` and ``stream`` (one per optimizer) seed the draws; ``names`` key the residuals (default: positions)."""
         names = [str(i) for i in range(len(tensors))] if names is None else list(names)
-        items = [(n, t, as_local_tensor(t)) for n, t in zip(names, tensors) if t is not None]
-        groups: dict[tuple, list[int]] = {}
-        for i, (_, t, local) in enumerate(items):
-            groups.setdefault((local.device, local.dtype, shard_coordinate(t)), []).append(i)
+        groups: dict[tuple, list[tuple[str, Tensor]]] = {}
+        specs = self._specs[stream] = {}
+        for name, t in zip(names, tensors):
+            if t is not None:
+                local, spec = as_local_tensor(t), _spec(t)
+                specs[name] = spec
+                groups.setdefault((local.device, local.dtype, spec[4] if spec else ()), []).append((name, local))
         old, pending = self._residuals.pop(stream, {}), self._pending.pop(stream, {})
         residuals = self._residuals[stream] = {}
-        self._specs[stream] = {n: _spec(t) for n, t, _ in items}
+        device = next(iter(groups))[0] if groups else torch.device("cpu")  # where the statistics are summed
         parts = []
-        for index, (key, idx) in enumerate(groups.items()):
-            group_names, locals_ = [items[i][0] for i in idx], [items[i][2] for i in idx]
-            if self.error_feedback:
-                carried = [_carried(n, old, pending, self._specs[stream][n], t) for n, t in zip(group_names, locals_)]
-            layout = self._layout(locals_)
-            generator = self._generators.setdefault(key[0], torch.Generator(device=key[0]))
-            generator.manual_seed(derive_seed(self.seed, step, stream, index, *key[2]))
-            stats, new = self._quantize_group(layout, locals_, carried if self.error_feedback else None, generator)
+        for index, ((group_device, dtype, coordinate), group) in enumerate(groups.items()):
+            locals_ = [t for _, t in group]
+            key = (group_device, dtype, *(t.shape for t in locals_))
+            if key not in self._layouts:
+                self._layouts[key] = _Layout([t.shape for t in locals_], self.block_size, group_device, dtype)
+            layout = self._layouts[key]
+            carried = [_carried(n, old, pending, specs[n], t) for n, t in group] if self.error_feedback else None
+            layout.generator.manual_seed(derive_seed(self.seed, step, stream, index, *coordinate))
+            stats, new = self._quantize_group(layout, locals_, carried)
             if new is not None:
-                residuals.update(zip(group_names, layout.views(new)))
-            parts.append(stats)
-        device = items[0][2].device if items else torch.device("cpu")
-        totals = sum((p.to(device, torch.float32) for p in parts), torch.zeros(4, device=device))
-        return QuantizationStats(*totals.unbind())
+                residuals.update(zip([n for n, _ in group], layout.views(new)))
+            parts.append(stats.to(device, torch.float32))
+        return QuantizationStats(*sum(parts, torch.zeros(4, device=device)).unbind())
 
-    def _layout(self, tensors: list[Tensor]) -> _Layout:
-        signature = tuple((t.shape, t.dtype, t.device) for t in tensors)
-        if signature not in self._layouts:
-            compute = torch.float64 if tensors[0].dtype == torch.float64 else torch.float32
-            self._layouts[signature] = _Layout([t.shape for t in tensors], self.block_size, tensors[0].device, compute)
-        return self._layouts[signature]
-
-    def _quantize_group(self, layout: _Layout, tensors: list[Tensor], carried: Optional[list], generator: Any
+    def _quantize_group(self, layout: _Layout, tensors: list[Tensor], carried: Optional[list[Optional[Tensor]]]
                         ) -> tuple[Tensor, Optional[Tensor]]:
         """One group in place: ``[error_sq, input_sq, clamped, numel]`` and the new residual buffer (or ``None``)."""
-        compute = layout.numel.dtype
-        x = torch.zeros(layout.rows, self.block_size, dtype=compute, device=tensors[0].device)
+        x = layout.buffer(tensors)
+        residual = layout.buffer(carried) if carried is not None else None
         if layout.rows == 0:  # only empty shards (FSDP2 with fewer rows than ranks): nothing to quantize
-            return torch.zeros(4, dtype=compute, device=x.device), (x if carried is not None else None)
-        torch._foreach_copy_(layout.views(x), tensors)
-        residual = torch.zeros_like(x) if carried is not None else None
-        if carried is not None:
-            pairs = [(view, r) for view, r in zip(layout.views(residual), carried) if r is not None]
-            if pairs:
-                torch._foreach_copy_(*map(list, zip(*pairs)))
-        p = x + residual if residual is not None else x  # x itself is not needed after the copy out
-        norms = _norms(layout.views(p))
-        ok_tensor = torch.isfinite(norms)
+            return x.new_zeros(4), residual
+        p = x if residual is None else x + residual
+        row_norms, input_sq = layout.norms(p)
+        ok_tensor = torch.isfinite(input_sq)
         ok = layout.per_block(ok_tensor).unsqueeze(1)
-        clamped = torch.zeros((), dtype=compute, device=x.device)
-        bound = self._outlier_bound(layout, norms, p, generator)
+        clamped = x.new_zeros(())
+        bound = self._outlier_bound(layout, input_sq, p)
         if bound is not None:
-            # non-finite tensors get an infinite bound: clamping leaves them as they are
+            # a non-finite tensor gets an infinite bound: clamping counts and changes nothing there
             bound = layout.per_block(torch.where(ok_tensor, bound, math.inf)).unsqueeze(1)
-            clamped = torch.where(ok, p.abs() > bound, False).sum().to(compute)
-            p = torch.minimum(torch.maximum(p, -bound), bound)
-            norms = _norms(layout.views(p))
-        scales = None
-        if self.method == "terngrad":  # one scale per tensor: its largest element after clipping
-            scales = layout.per_block(_norms(layout.views(p), math.inf))
-        elif self.method == "sign":  # one scale per tensor: its mean |p|
-            scales = layout.per_block(_norms(layout.views(p), 1.0) / layout.numel.clamp(min=1))
-        dither = generator if self.rounding == "stochastic" and self.method != "sign" else None
+            clamped = (p.abs() > bound).sum().to(x.dtype)
+            p = p.clamp(-bound, bound) if p is x else p.clamp_(-bound, bound)  # x keeps the non-finite tensors
+            row_norms, input_sq = layout.norms(p)
+        scales = row_norms if self.method == "qsgd" else None
+        if self.method == "terngrad":  # one scale per tensor: its max|p|
+            scales = layout.per_block(layout.per_tensor(block_scales(p, "terngrad"), "max"))
+        elif self.method == "sign":  # one scale per tensor: its mean|p|, from the means of its rows
+            means = layout.per_tensor(block_scales(p, "sign"), "sum") * self.block_size / layout.numel.clamp(min=1)
+            scales = layout.per_block(means)
+        dither = layout.generator if self.rounding == "stochastic" and self.method != "sign" else None
         codes, scales = encode(p, self.method, self.levels, scales=scales, generator=dither)
-        q = decode(codes, scales, self.levels)
-        if tensors[0].dtype != compute:
-            q = q.to(tensors[0].dtype).to(compute)  # the residual and the error refer to what the optimizer sees
-        torch._foreach_copy_(tensors, layout.views(torch.where(ok, q, x)))
-        error = p.sub_(q)
-        errors = _norms(layout.views(error))
-        squares = torch.where(ok_tensor, torch.stack([errors, norms]).square(), 0.0).sum(1)
-        quantized = (layout.numel * ok_tensor).sum()
-        stats = torch.cat([squares, clamped.view(1), quantized.view(1)])
-        return stats, (torch.where(ok, error, residual) if residual is not None else None)
+        q = decode(codes, scales, self.levels, out=codes)
+        if q.dtype != tensors[0].dtype:
+            q = q.to(tensors[0].dtype).to(q.dtype)  # the residual and the error refer to what the optimizer sees
+        torch.where(ok, q, x, out=q)  # the non-finite tensors as they were
+        torch._foreach_copy_(tensors, layout.views(q))
+        error = p.sub_(q)  # p is x or a buffer of its own: neither is needed any more
+        squares = torch.where(ok_tensor, torch.stack([layout.norms(error)[1], input_sq]), 0.0).sum(1)
+        stats = torch.cat([squares, clamped.view(1), (layout.numel * ok_tensor).sum().view(1)])
+        return stats, (torch.where(ok, error, residual, out=error) if residual is not None else None)
 
-    def _outlier_bound(self, layout: _Layout, norms: Tensor, p: Tensor, generator: Any) -> Optional[Tensor]:
+    def _outlier_bound(self, layout: _Layout, input_sq: Tensor, p: Tensor) -> Optional[Tensor]:
+        """Per tensor: ``clamp_sigma`` root mean squares, or ``clamp_quantile`` of ``QUANTILE_SAMPLES`` draws of |p|."""
         if self.clamp_sigma is not None:
-            return self.clamp_sigma * norms / layout.numel.clamp(min=1).sqrt()
+            return self.clamp_sigma * (input_sq / layout.numel.clamp(min=1)).sqrt()
         if self.clamp_quantile is None:
             return None
-        count = layout.numel.shape[0]
-        u = torch.rand(count, QUANTILE_SAMPLES, generator=generator, dtype=torch.float64, device=p.device)
-        last = (layout.numel.long() - 1).clamp(min=0).unsqueeze(1)
-        offsets = torch.minimum((u * layout.numel.unsqueeze(1)).long(), last)  # u * n may round up to n
-        # an empty tensor at the end of the buffer starts past its last element: its (unused) samples stay inside
-        index = (layout.starts.unsqueeze(1) + offsets).clamp(max=max(p.numel() - 1, 0))
-        samples = p.view(-1).index_select(0, index.view(-1)).view(count, QUANTILE_SAMPLES).abs()
+        u = torch.rand(len(layout.sizes), QUANTILE_SAMPLES, generator=layout.generator, dtype=p.dtype, device=p.device)
+        # u * n may round up to n: the last element caps each tensor's samples (an empty tensor's are never used)
+        index = torch.minimum(layout.starts + (u * layout.numel.unsqueeze(1)).long(), layout.last)
+        samples = torch.take(p, index).abs()
         return samples.kthvalue(max(1, math.ceil(self.clamp_quantile * QUANTILE_SAMPLES)), dim=1).values
 
     def residuals(self, stream: int = 0) -> dict[str, Tensor]:
         """Copies of the error-feedback residuals of ``stream`` (local shards), by tensor name."""
-        out = {name: t.clone() for name, t in self._pending.get(stream, {}).items()}
-        out.update({name: t.clone() for name, t in self._residuals.get(stream, {}).items()})
-        return out
+        current = {**self._pending.get(stream, {}), **self._residuals.get(stream, {})}
+        return {name: t.clone() for name, t in current.items()}
 
     def state_dict(self) -> dict[str, Any]:
-        """``seed`` and the residuals as full tensors by stream and name (under FSDP2 gathered: call it on every
-        rank, as Lightning does when it saves)."""
+        """``seed`` and the residuals as full tensors by stream and name (under FSDP2 a collective: on every rank)."""
         residuals: dict[int, dict[str, Tensor]] = {s: dict(p) for s, p in self._pending.items()}
         for stream, by_name in self._residuals.items():
             specs = self._specs[stream]
@@ -378,15 +361,19 @@ class GradientQuantizer:
 
 
 def _spec(t: Tensor) -> Optional[tuple]:
-    """What turns a local shard back into the full tensor (``None`` for a plain tensor)."""
-    is_dtensor = DTensor is not None and isinstance(t, DTensor)
-    return (t.device_mesh, tuple(t.placements), t.shape, t.stride()) if is_dtensor else None
+    """What turns the local shard of a ``DTensor`` back into the full tensor, and this rank's coordinate on the mesh
+    dimensions along which it is sharded (replicated ones left out: replicas of a shard draw alike)."""
+    if DTensor is None or not isinstance(t, DTensor):
+        return None
+    coordinate = t.device_mesh.get_coordinate() or []
+    shard = tuple(int(coordinate[d]) for d, placement in enumerate(t.placements) if placement.is_shard())
+    return t.device_mesh, tuple(t.placements), t.shape, t.stride(), shard
 
 
 def _full_tensor(local: Tensor, spec: Optional[tuple]) -> Tensor:
     if spec is None:
         return local.clone()
-    mesh, placements, shape, stride = spec
+    mesh, placements, shape, stride, _ = spec
     return DTensor.from_local(local, mesh, placements, shape=shape, stride=stride).full_tensor()
 
 
@@ -410,8 +397,6 @@ def quantize(tensor: Tensor, method: Method = "stochastic", *, step: int = 0, **
 
     Example::
 
-        >>> quantize(torch.tensor([0.5, -1.0, 0.26, 0.0]), bits=2, rounding="nearest")
-        tensor([ 0., -1.,  0.,  0.])
         >>> quantize(torch.tensor([0.5, -1.0, 0.26, 0.0]), bits=3, rounding="nearest")
         tensor([ 0.6667, -1.0000,  0.3333,  0.0000])
     """
