@@ -11,15 +11,11 @@ from typing import Any
 
 __version__ = "0.2.0"
 
-_LAZY = {
-    "ExplosionGuard": "lightning_gradguard.callbacks",
-    "GradGuardCallback": "lightning_gradguard.callbacks",
-    "GradientClipping": "lightning_gradguard.callbacks",
-    "GradientExplosionError": "lightning_gradguard.callbacks",
-    "GradientNormMonitor": "lightning_gradguard.callbacks",
-    "GradientQuantization": "lightning_gradguard.callbacks",
-    "ExplosionEvent": "lightning_gradguard.events",
-    "HostSyncCounter": "lightning_gradguard.utilities",
+_LAZY = {  # public name: the module it lives in
+    "ExplosionGuard": "lightning_gradguard.callbacks", "GradGuardCallback": "lightning_gradguard.callbacks",
+    "GradientClipping": "lightning_gradguard.callbacks", "GradientExplosionError": "lightning_gradguard.callbacks",
+    "GradientNormMonitor": "lightning_gradguard.callbacks", "GradientQuantization": "lightning_gradguard.callbacks",
+    "ExplosionEvent": "lightning_gradguard.events", "HostSyncCounter": "lightning_gradguard.utilities",
 }
 
 __all__ = [*sorted(_LAZY), "__version__"]

@@ -1,10 +1,9 @@
 """Explosion events: the record, where it is written, its markdown report and the end-of-fit summary.
 
-Each :class:`ExplosionEvent` is one JSON object per line of ``gradguard_events.jsonl`` in the directory of the
-Trainer's first logger that has one (nothing is written without such a logger, e.g. with ``logger=False`` or
-``fast_dev_run``), appended and flushed at once so the file can be read while training runs. Non-finite numbers
-are written as ``null`` (strict JSON has no NaN). ``run_id`` tells runs that share a directory apart, and
-``attempt`` counts the fits of one run (a resumed run repeats the steps after its checkpoint under the next attempt).
+Each :class:`ExplosionEvent` is one JSON line of ``gradguard_events.jsonl`` in the directory of the Trainer's first
+logger that has one (none is written without, e.g. with ``logger=False`` or ``fast_dev_run``), flushed at once;
+non-finite numbers are ``null``. ``run_id`` tells runs in one directory apart; ``attempt`` counts the fits of a run
+(a resumed run repeats the steps after its checkpoint under the next attempt).
 """
 
 from __future__ import annotations

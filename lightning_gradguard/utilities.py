@@ -1,10 +1,6 @@
-"""Host-synchronisation accounting.
-
-Every device-to-host read in PyTorch lowers to one of a few aten ops: ``_local_scalar_dense`` (``.item()``,
-``float(t)``, ``bool(t)``, ``if t:``), ``nonzero`` (``nonzero``, ``masked_select``, indexing with a boolean mask) or a copy
-to the CPU (``.cpu()``, ``.to("cpu")``). :class:`HostSyncCounter` counts them inside a block of code, so a test on
-the CPU proves that the same code would not stall a GPU.
-"""
+"""Host-synchronisation accounting: every device-to-host read lowers to ``_local_scalar_dense`` (``.item()``,
+``if t:``), ``nonzero`` (``masked_select``, boolean-mask indexing) or a copy to the CPU; :class:`HostSyncCounter`
+counts them in a block of code, so a test on the CPU proves the code would not stall a GPU."""
 
 from __future__ import annotations
 

@@ -16,7 +16,13 @@ from zclip import ZClip
 
 from lightning_gradguard import GradientNormMonitor, HostSyncCounter
 from lightning_gradguard.callbacks.clipping import GradientClipping
-from lightning_gradguard.functional.clipping import GradientClipper
+from lightning_gradguard.functional.clipping import (
+    GradientClipper,
+    adagc_coefficients,
+    agc_coefficients,
+    clamp_,
+    scale_,
+)
 from tests.helpers.faults import Faults
 from tests.helpers.models import TinyMLP, tiny_trainer
 from tests.helpers.reads import NormReadCounter
@@ -415,6 +421,26 @@ def adagc_port_clip(grads_stream, beta=0.98, lambda_abs=1.0, lambda_rel=1.05, wa
             gamma = [beta * y + (1 - beta) * c.norm() for y, c in zip(gamma, clipped)]
         out.append(clipped)
     return out
+
+
+def test_the_per_step_formulas_on_small_inputs():
+    """The public one-step formulas, on values worked out by hand."""
+    grads = [torch.ones(2), torch.ones(2, 2)]
+    scale_(grads, torch.tensor(0.5))
+    assert all(torch.equal(g, torch.full_like(g, 0.5)) for g in grads)
+    scale_(grads, [torch.tensor(2.0), torch.tensor([[1.0], [4.0]])])  # one factor per tensor, broadcast over rows
+    assert torch.equal(grads[0], torch.ones(2)) and torch.equal(grads[1], torch.tensor([[0.5, 0.5], [2.0, 2.0]]))
+    values = [torch.tensor([-3.0, 0.5, 2.0])]
+    clamp_(values, torch.tensor(1.0))
+    assert torch.equal(values[0], torch.tensor([-1.0, 0.5, 1.0]))
+    clamp_(values, torch.tensor(math.inf))  # an infinite bound leaves them alone
+    assert torch.equal(values[0], torch.tensor([-1.0, 0.5, 1.0]))
+    # a zero weight is floored at eps, so its unit still learns
+    agc = agc_coefficients(torch.tensor([1.0, 0.0, 1.0]), torch.tensor([1.0, 1.0, 1e-3]), clip_factor=0.01)
+    torch.testing.assert_close(agc, torch.tensor([1e-2, 1e-5, 1.0]))
+    # a zero gradient and an unset (inf) gamma both give 1
+    adagc = adagc_coefficients(torch.tensor([2.0, 0.5, 0.0, 1.0]), torch.tensor([1.0, 1.0, 1.0, math.inf]), 1.0)
+    assert torch.equal(adagc, torch.tensor([0.5, 1.0, 1.0, 1.0]))
 
 
 def test_adagc_matches_the_public_port_formula():

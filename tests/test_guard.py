@@ -313,9 +313,9 @@ def test_lr_jump_divergence_rewind_recovers_and_log_shows_where_it_started(tmp_p
     assert probe.lrs[jump - 1] == pytest.approx(0.05) and probe.lrs[jump + 3] == pytest.approx(0.025)
     # snapshots: healthy steps at multiples of 5, copied to the CPU; its size is the model plus momentum buffers
     n_params = sum(p.numel() for p in recovered.parameters())
-    assert guard.snapshot_nbytes == 2 * 4 * n_params
+    assert guard.snapshot.nbytes == 2 * 4 * n_params
     capture_ms = guard.snapshot.seconds * 1e3
-    print(f"\nsnapshot of {n_params} params + SGD momentum: {guard.snapshot_nbytes} B in {capture_ms:.3f} ms")
+    print(f"\nsnapshot of {n_params} params + SGD momentum: {guard.snapshot.nbytes} B in {capture_ms:.3f} ms")
 
     # the guard's bookkeeping survives a state_dict round trip
     state = guard.state_dict()

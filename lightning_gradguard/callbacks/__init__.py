@@ -7,10 +7,6 @@ from lightning_gradguard.callbacks.monitor import GradientNormMonitor
 from lightning_gradguard.callbacks.quantization import GradientQuantization
 
 __all__ = [
-    "ExplosionGuard",
-    "GradGuardCallback",
-    "GradientClipping",
-    "GradientExplosionError",
-    "GradientNormMonitor",
+    "ExplosionGuard", "GradGuardCallback", "GradientClipping", "GradientExplosionError", "GradientNormMonitor",
     "GradientQuantization",
 ]

@@ -15,13 +15,7 @@ import torch
 from torch import Tensor
 
 __all__ = [
-    "classes",
-    "ddp_comm_hook",
-    "found_inf",
-    "grad_scaler",
-    "logging_step",
-    "loss_scale",
-    "takes_found_inf",
+    "classes", "ddp_comm_hook", "found_inf", "grad_scaler", "logging_step", "loss_scale", "takes_found_inf",
     "torch_optimizer",
 ]
 

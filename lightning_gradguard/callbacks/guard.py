@@ -240,10 +240,6 @@ class ExplosionGuard(GradGuardCallback):
         """Events per kind since training began (a host read: not for the hot path)."""
         return dict(zip(EVENT_KINDS, (int(c) for c in self._counts.tolist())))  # sync: on request only
 
-    @property
-    def snapshot_nbytes(self) -> int:
-        return self.snapshot.nbytes
-
     def _detector(self, detectors: dict[int, SpikeDetector], optimizer_idx: int) -> SpikeDetector:
         if optimizer_idx not in detectors:
             detectors[optimizer_idx] = SpikeDetector(self.window, self.threshold, self.warmup, self.statistic)

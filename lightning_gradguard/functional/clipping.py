@@ -39,16 +39,8 @@ from lightning_gradguard.functional.stats import EmaMoments, RunningWindow
 from lightning_gradguard.utilities import to_device
 
 __all__ = [
-    "METHODS",
-    "ClipResult",
-    "GradientClipper",
-    "adagc_coefficients",
-    "agc_coefficients",
-    "clamp_",
-    "clip_coefficient",
-    "output_layer",
-    "scale_",
-    "zscore_threshold",
+    "METHODS", "ClipResult", "GradientClipper", "adagc_coefficients", "agc_coefficients", "clamp_", "clip_coefficient",
+    "output_layer", "scale_", "zscore_threshold",
 ]
 
 Method = Literal["auto", "norm", "value", "quantile", "zscore", "agc", "adagc"]
@@ -69,11 +61,6 @@ _ARGUMENTS: dict[str, dict[str, Any]] = {
 }
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# the math, one step at a time
-# ---------------------------------------------------------------------------------------------------------------
-
-
 def clip_coefficient(norm: Tensor, threshold: Tensor, eps: float = 1e-6, finite: Optional[Tensor] = None) -> Tensor:
     """``min(1, threshold / (norm + eps))`` as in ``clip_grad_norm_``; 1 where ``norm`` is not finite.
 
@@ -90,17 +77,7 @@ def clip_coefficient(norm: Tensor, threshold: Tensor, eps: float = 1e-6, finite:
 
 def scale_(tensors: Sequence[Tensor], coef: Tensor | Sequence[Tensor]) -> None:
     """Multiply ``tensors`` in place by ``coef``: one 0-d tensor for all of them, or one tensor per tensor
-    (broadcastable to it). One ``torch._foreach_mul_`` per (device, dtype) group, as ``clip_grad_norm_``.
-
-    Example::
-
-        >>> import torch
-        >>> grads = [torch.ones(2), torch.ones(2, 2)]
-        >>> scale_(grads, torch.tensor(0.5))
-        >>> grads[1]
-        tensor([[0.5000, 0.5000],
-                [0.5000, 0.5000]])
-    """
+    (broadcastable to it). One ``torch._foreach_mul_`` per (device, dtype) group, as ``clip_grad_norm_``."""
     coefs = [coef] * len(tensors) if isinstance(coef, Tensor) else list(coef)
     grouped = _group_tensors_by_device_and_dtype([list(tensors), coefs], with_indices=False)
     for (device, _), ([group, factors], _) in grouped.items():  # type: ignore[misc]
@@ -112,16 +89,7 @@ def scale_(tensors: Sequence[Tensor], coef: Tensor | Sequence[Tensor]) -> None:
 
 def clamp_(tensors: Sequence[Tensor], bound: Tensor) -> None:
     """Clamp every element of ``tensors`` in place to ``[-bound, bound]``; ``bound`` is a 0-d device tensor, so an
-    infinite bound leaves them as they are without a host decision.
-
-    Example::
-
-        >>> import torch
-        >>> grads = [torch.tensor([-3.0, 0.5, 2.0])]
-        >>> clamp_(grads, torch.tensor(1.0))
-        >>> grads[0]
-        tensor([-1.0000,  0.5000,  1.0000])
-    """
+    infinite bound leaves them as they are without a host decision."""
     grouped = _group_tensors_by_device_and_dtype([list(tensors)], with_indices=False)
     for (device, dtype), ([group], _) in grouped.items():  # type: ignore[misc]
         hi = bound.to(device).to(dtype)  # a move (none on the same device), then a cast
@@ -156,27 +124,13 @@ def zscore_threshold(
 
 def agc_coefficients(weight_norms: Tensor, grad_norms: Tensor, clip_factor: float = 0.01, eps: float = 1e-3) -> Tensor:
     """AGC's scale per unit: ``min(1, clip_factor * max(|W|, eps) / |g|)`` (timm's formula, ``|g|`` floored at 1e-6).
-    The floor ``eps`` on the weight norm lets zero-initialised weights learn.
-
-    Example::
-
-        >>> import torch
-        >>> agc_coefficients(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0]), clip_factor=0.01)
-        tensor([1.0000e-02, 1.0000e-05])
-    """
+    The floor ``eps`` on the weight norm lets zero-initialised weights learn."""
     limits = weight_norms.clamp(min=eps) * clip_factor
     return (limits / grad_norms.clamp(min=1e-6)).clamp(max=1.0)
 
 
 def adagc_coefficients(norms: Tensor, gamma: Tensor, factor: float = 1.05) -> Tensor:
-    """AdaGC's scale per tensor: ``min(1, factor * gamma / |g|)``; 1 for a zero gradient or an unset (inf) ``gamma``.
-
-    Example::
-
-        >>> import torch
-        >>> adagc_coefficients(torch.tensor([2.0, 0.5, 0.0]), torch.tensor([1.0, 1.0, 1.0]), factor=1.0)
-        tensor([0.5000, 1.0000, 1.0000])
-    """
+    """AdaGC's scale per tensor: ``min(1, factor * gamma / |g|)``; 1 for a zero gradient or an unset (inf) ``gamma``."""
     # fmin takes 1 where the ratio is NaN (0/0, inf/inf); a zero norm gives inf, so 1 as well
     return torch.fmin(factor * gamma / norms, torch.ones_like(norms))
 
@@ -196,11 +150,6 @@ def output_layer(module: nn.Module) -> Optional[str]:
         if next(child.parameters(recurse=False), None) is not None:
             last = name
     return last
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# rules with state
-# ---------------------------------------------------------------------------------------------------------------
 
 
 class ClipResult(NamedTuple):
@@ -535,11 +484,6 @@ class _AdaGCRule(_Rule):
         threshold = torch.linalg.vector_norm(torch.where(torch.isinf(limits), 0.0, limits))
         self.warmup.record(step.total, step.finite, warm_threshold)
         return torch.linalg.vector_norm(clipped), torch.where(warm, warm_threshold, threshold)
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# argument checks
-# ---------------------------------------------------------------------------------------------------------------
 
 
 def _number(value: Any, name: str, *, low: float = 0.0, high: float = math.inf, closed: str = "()") -> float:

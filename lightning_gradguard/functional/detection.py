@@ -1,21 +1,12 @@
 """Spike detection against robust running statistics, on the device, without host synchronisation.
 
 A series of scalars (the global gradient norm, the loss) is kept in a
-:class:`~lightning_gradguard.functional.stats.RunningWindow` of the last ``window`` finite values. Each new value is
-scored against the statistics of the window *before* it enters:
-
-- ``"median"`` (default): center = median, spread = 1.4826 * MAD (median absolute deviation; the factor makes it
-  a consistent estimate of the standard deviation for normal data). One outlier moves neither.
-- ``"mean"``: center = mean, spread = standard deviation, as OLMo-core's skip-step rule (mean + 6 sigma of a
-  128-step window).
-
-``z = (value - center) / spread`` and a value is a spike when ``z > threshold`` once the window holds at least
-``warmup`` values. Only upward moves count: a collapsing norm is no explosion. The spread is floored at
-``0.05 * |center|``: a short or very flat history has a tiny MAD that would turn ordinary step-to-step noise into
-"spikes"; with the floor and the default threshold of 6, nothing below 1.3 times the baseline is ever a spike.
-
-A non-finite value never enters the window (the window's ``append`` selects with ``torch.where``, not an ``if``).
-Nothing here reads a value back to the host.
+:class:`~lightning_gradguard.functional.stats.RunningWindow` of its last ``window`` finite values, and each new value
+is scored against the window *before* it enters: ``z = (value - center) / spread`` with the median and 1.4826 times
+the median absolute deviation (``"median"``, robust: one outlier moves neither) or the mean and standard deviation
+(``"mean"``, as OLMo-core's skip-step rule). A value is a spike when ``z > threshold`` once the window holds
+``warmup`` values; only upward moves count. The spread is floored at ``0.05 * |center|``, so that a flat history does
+not turn ordinary noise into spikes (with the default threshold of 6, nothing below 1.3 times the baseline is one).
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 """Gradient norms as device tensors, without host synchronisation.
 
-The pattern of ``torch.nn.utils.clip_grad_norm_``: tensors grouped by device and dtype, one ``torch._foreach_norm``
-per group, in float32 whatever the tensors' dtype (float64 keeps its precision until the result). The global norm
-is the norm of the per-tensor norms. Sharded tensors (``DTensor`` under FSDP2) contribute their local shard, and the
-partial norms are reduced over the shard's process group (one collective per group), so every rank sees the
-full-tensor norms. AGC also needs the norms of the rows of each weight: :func:`unit_norms`.
-
-Nothing here reads a value back to the host: no ``.item()``, no ``if tensor``, no ``nonzero``.
+The pattern of ``clip_grad_norm_``: tensors grouped by device and dtype, one ``torch._foreach_norm`` per group, in
+float32 (float64 keeps its precision), the global norm as the norm of the per-tensor norms. ``DTensor`` shards (FSDP2)
+are reduced over their process groups, so every rank sees full-tensor norms. :func:`unit_norms` adds the norms of the
+rows of each weight (AGC's units).
 """
 
 from __future__ import annotations
@@ -21,15 +18,8 @@ from torch import Tensor
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 __all__ = [
-    "StepGradients",
-    "UnitNorms",
-    "as_local_tensor",
-    "full_tensor_norms",
-    "grad_norms",
-    "local_shards",
-    "total_norm",
-    "unit_norms",
-    "validate_norm_type",
+    "StepGradients", "UnitNorms", "as_local_tensor", "full_tensor_norms", "grad_norms", "local_shards", "total_norm",
+    "unit_norms", "validate_norm_type",
 ]
 
 try:  # DTensor is public from torch 2.4 on

@@ -1,15 +1,9 @@
 """Running statistics of a stream of scalars (gradient norms), kept on the device, never poisoned.
 
-Both classes take one value per step as a device tensor and update without a host read: no ``.item()``, no
-``if tensor``. A value that is NaN or Inf (or masked off by the caller) leaves the state exactly as it was, through
-``torch.where``, so one overflow step cannot turn a window or an EMA into NaN for the rest of the run.
-
-- :class:`RunningWindow`: the last ``length`` finite values, with quantiles (torch's ``linear`` and ``lower``
-  interpolation), mean and variance over what has been filled so far.
-- :class:`EmaMoments`: exponential moving mean and variance (the update order of ZClip), started from any
-  mean and variance the caller chooses (e.g. a warm-up window's).
-
-The state lives in plain tensors, ``state_dict`` / ``load_state_dict`` round-trip it, ``to(device)`` moves it.
+:class:`RunningWindow` keeps the last ``length`` finite values (quantiles as ``torch.quantile``, mean, variance);
+:class:`EmaMoments` keeps an exponential moving mean and variance (ZClip's update order). Both update without a host
+read, and a NaN or Inf value (or one masked off) leaves the state exactly as it was (``torch.where``), so one bad
+step cannot poison a run. ``state_dict`` / ``load_state_dict`` round-trip the state, ``to(device)`` moves it.
 """
 
 from __future__ import annotations

@@ -71,9 +71,6 @@ class DeferredBuffer:
         """Any tensor; at the flush ``sink(step, flat host list)`` is called with its values."""
         self._entries.append(_Entry(step, values.detach(), sink=sink))
 
-    def clear(self) -> None:
-        self._entries.clear()
-
     def flush(self) -> FlushResult:
         """Read every buffered value to the host in one copy, return the scalars and call the sinks."""
         entries, self._entries = self._entries, []

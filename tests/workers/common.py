@@ -57,7 +57,12 @@ def fully_shard_module(module: nn.Module, device_mesh: Any) -> None:
 
 
 def write_result(out: Path, trainer: L.Trainer, result: dict) -> None:
+    """Write this rank's result, then take the process group down with both ranks present: gloo's threads left
+    running at interpreter exit can abort the process after a run that succeeded."""
     (out / f"rank{trainer.global_rank}.json").write_text(json.dumps(result))
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 def full_state(module: nn.Module) -> dict[str, list]:
