@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
-from lightning_gradguard.functional.norms import StepGradients, full_tensor_norms, grad_norms, unit_norms
+from lightning_gradguard.functional.norms import StepGradients, full_tensor_norms, grad_norms, unit_norms, units_of
 from lightning_gradguard.functional.stats import EmaMoments, RunningWindow
 from lightning_gradguard.utilities import to_device
 
@@ -408,7 +408,7 @@ class _AgcRule(_Rule):
         layout = self._layout_of(step)
         units = step.units if step.units is not None else unit_norms(step.grads).units
         with torch.no_grad():  # only the weights' units: no per-tensor norms
-            weights = unit_norms(step.params, device=step.device).units
+            weights = units_of(step.params, step.device)[0]
         keep = step.finite if layout.excluded is None else step.finite & ~layout.excluded
         coef = torch.where(keep, agc_coefficients(weights, units, self.clip_factor, self.eps), 1.0)
         limits = weights.clamp(min=self.eps) * self.clip_factor

@@ -178,29 +178,30 @@ def _unit_norms(items: list[Tensor], device: Optional[torch.device]) -> tuple[Un
     if not items:
         zero = torch.zeros((), device=device)
         return UnitNorms(torch.zeros(0, device=device), torch.zeros(0, device=device), zero, []), zero < 1
+    units, local_units = units_of(items, device)
+    # a tensor's norm is the norm of its units' norms, local to the shard under FSDP2 until reduced
+    local_norms = torch.stack(torch._foreach_norm(local_units, 2.0))
+    per_tensor = full_tensor_norms(items, local_norms)
+    counts = [piece.numel() for piece in local_units]
+    return UnitNorms(units, per_tensor, torch.linalg.vector_norm(per_tensor), counts), torch.isfinite(local_norms.sum())
+
+
+def units_of(items: Sequence[Tensor], device: torch.device) -> tuple[Tensor, list[Tensor]]:
+    """:attr:`UnitNorms.units` of non-empty ``items`` and, per tensor, the norms of its units local to its shard."""
     local = local_shards(items)
-    rows = [i for i, t in enumerate(local) if t.ndim > 1]
     whole = [i for i, t in enumerate(local) if t.ndim <= 1]
-    pieces: list[Tensor] = [None] * len(items)  # type: ignore[list-item]
-    for i in rows:  # float64 is reduced in its own precision; every other dtype accumulates in float32
-        t = local[i]
-        dtype = None if t.dtype == torch.float64 else torch.float32
-        pieces[i] = torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim)), dtype=dtype).to(device).float()
-    local_whole = _local_norms([local[i] for i in whole], 2.0, device) if whole else torch.zeros(0, device=device)
-    full_whole = full_tensor_norms([items[i] for i in whole], local_whole)  # a whole-tensor unit: its full norm
-    for i, norm in zip(whole, full_whole.split(1)):
-        pieces[i] = norm
-    units, counts = torch.cat(pieces), [piece.numel() for piece in pieces]
-    # a tensor's norm is the norm of its rows' norms, local to the shard under FSDP2 until reduced
-    local_rows = torch.stack(torch._foreach_norm([pieces[i] for i in rows], 2.0)) if rows else local_whole[:0]
-    rows_full = full_tensor_norms([items[i] for i in rows], local_rows)
-    per_tensor: list[Tensor] = [None] * len(items)  # type: ignore[list-item]
-    for indices, values in ((rows, rows_full), (whole, full_whole)):
-        for i, value in zip(indices, values.unbind()):
-            per_tensor[i] = value
-    full = torch.stack(per_tensor)
-    local_finite = torch.isfinite(local_rows.sum() + local_whole.sum())
-    return UnitNorms(units, full, torch.linalg.vector_norm(full), counts), local_finite
+    local_whole = _local_norms([local[i] for i in whole], 2.0, device) if whole else None
+    pieces = dict(zip(whole, local_whole.split(1))) if whole else {}
+    for i, t in enumerate(local):  # float64 is reduced in its own precision; every other dtype in float32
+        if t.ndim > 1:
+            dtype = None if t.dtype == torch.float64 else torch.float32
+            pieces[i] = torch.linalg.vector_norm(t, dim=tuple(range(1, t.ndim)), dtype=dtype).to(device).float()
+    local_units = [pieces[i] for i in range(len(items))]
+    full_whole = full_tensor_norms([items[i] for i in whole], local_whole) if whole else None
+    if full_whole is local_whole:
+        return torch.cat(local_units), local_units
+    pieces.update(zip(whole, full_whole.split(1)))  # sharded under FSDP2: a whole-tensor unit is its full norm
+    return torch.cat([pieces[i] for i in range(len(items))]), local_units
 
 
 class StepGradients:
