@@ -167,16 +167,24 @@ class ExplosionCap(Rule):
     ``clip_grad_norm_`` threshold); until then, no limit. A run that takes such a step has a learning rate too high
     for where it is; a healthy run never takes one. With ``sgd_only``, only ``torch.optim.SGD`` is watched: there
     the step is ``lr * grad`` (times the momentum), while Adam-like optimizers normalise the gradient, so a large
-    gradient is not a large step (their spikes are the relative rule's)."""
+    gradient is not a large step (their spikes are the relative rule's). With ``growth``, such a step counts only when
+    its norm is also larger than the previous finite step's: a large step that makes the gradient larger is the
+    feedback of a learning rate past stability, while weights growing from a zero or small start take large steps
+    on shrinking gradients."""
 
-    def __init__(self, ratio: float = 0.1, cap: float = 1.0, sgd_only: bool = False) -> None:
+    def __init__(self, ratio: float = 0.1, cap: float = 1.0, sgd_only: bool = False, growth: bool = False) -> None:
         self.bound = UpdateBound(ratio)
-        self.cap, self.sgd_only = cap, sgd_only
+        self.cap, self.sgd_only, self.growth = cap, sgd_only, growth
         self.latched: Optional[Tensor] = None
+        self.previous: Optional[Tensor] = None
 
     def _exploding(self, step: Step) -> Tensor:
         watched = not self.sgd_only or isinstance(getattr(step.optimizer, "optimizer", step.optimizer), torch.optim.SGD)
-        return step.finite & (step.norm > self.bound.threshold(step)) & watched
+        exploding = step.finite & (step.norm > self.bound.threshold(step)) & watched
+        if self.growth:
+            previous = torch.full_like(step.norm, math.inf) if self.previous is None else self.previous
+            exploding = exploding & (step.norm > previous)
+        return exploding
 
     def threshold(self, step: Step) -> Tensor:
         if self.latched is None:
@@ -186,6 +194,9 @@ class ExplosionCap(Rule):
 
     def observe(self, step: Step, clipped_norm: Tensor) -> None:
         self.latched = self.latched | self._exploding(step)
+        if self.growth:
+            previous = torch.full_like(step.norm, math.inf) if self.previous is None else self.previous
+            self.previous = torch.where(step.finite, step.norm, previous)
 
 
 class ClipCallback(Callback):
@@ -281,6 +292,7 @@ CANDIDATES: dict[str, Callable[[], Callback]] = {
     "ema_ratio_3+sgd_explosion_cap_1": lambda: ClipCallback(EmaRatio(3.0), ExplosionCap(0.1, 1.0, sgd_only=True)),
     "ema_ratio_4+sgd_explosion_cap_1": lambda: recommended(),
     "ema_ratio_5+sgd_explosion_cap_1": lambda: ClipCallback(EmaRatio(5.0), ExplosionCap(0.1, 1.0, sgd_only=True)),
+    "ema_ratio_4+sgd_growth_cap_1": lambda: ClipCallback(EmaRatio(4.0), ExplosionCap(0.1, 1.0, True, growth=True)),
 }
 """``name -> factory`` of every candidate rule, in the order they were tried."""
 

@@ -59,7 +59,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from benchmarks.candidates import CANDIDATES, RECOMMENDED, SHORTLIST  # noqa: E402
-from benchmarks.workloads import CONFIRMATION, SELECTION, SUITE  # noqa: E402
+from benchmarks.workloads import CONFIRMATION, HOLDOUT, SELECTION, SUITE  # noqa: E402
 
 CLIP_VALS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 GRADGUARD_METHODS = ("zscore", "quantile", "agc", "adagc")
@@ -69,7 +69,7 @@ HEALTHY_ABSOLUTE = 0.01
 EXPLODING_TOLERANCE = 0.10
 QUICK_STEPS = 10
 QUICK_METHODS = ("none", "clip_val=1", "gradguard agc", "zclip", "autoclip", f"candidate {RECOMMENDED}")
-SETS = {"selection": SELECTION, "confirmation": CONFIRMATION, "all": tuple(SUITE)}
+SETS = {"selection": SELECTION, "confirmation": CONFIRMATION, "holdout": HOLDOUT, "all": tuple(SUITE)}
 
 
 def clip_val_name(value: float) -> str:
@@ -342,16 +342,18 @@ def _threshold(results: list[dict[str, Any]], workload: str) -> float:
 
 
 def report(results: list[dict[str, Any]], workloads: Sequence[str], methods: Sequence[str]) -> str:
-    """Summary tables of the selection and confirmation sets (and of all workloads), then per-workload tables."""
+    """Summary tables of the selection, confirmation and holdout sets (and of all workloads), then per-workload
+    tables."""
     out = []
-    for set_name, members in (("Selection set", SELECTION), ("Confirmation set", CONFIRMATION)):
+    named = (("Selection set", SELECTION), ("Confirmation set", CONFIRMATION), ("Holdout set", HOLDOUT))
+    for set_name, members in named:
         chosen = [w for w in workloads if w in members]
         if not chosen:
             continue
         verdict = judge(results, chosen, methods)
         out += [f"### {set_name}: {', '.join(chosen)}", "", summary_table(summary_rows(verdict, chosen, methods)), ""]
     verdict = judge(results, workloads, methods)
-    if not (set(workloads) <= set(SELECTION) or set(workloads) <= set(CONFIRMATION)):
+    if not any(set(workloads) <= set(members) for _, members in named):
         out += ["### All workloads", "", summary_table(summary_rows(verdict, workloads, methods)), ""]
     out += ["### Per workload", ""]
     for w in workloads:

@@ -42,6 +42,7 @@ from examples.workloads import WorkloadData, build_workload
 
 __all__ = [
     "CONFIRMATION",
+    "HOLDOUT",
     "SELECTION",
     "SUITE",
     "TEXT_SOURCES",
@@ -356,12 +357,13 @@ def _mse(prediction: Tensor, y: Tensor) -> Tensor:
 
 
 class RecurrentLM(nn.Module):
-    """Embedding, one LSTM layer, a linear read-out of every state."""
+    """Embedding, one recurrent layer (``nn.LSTM``, ``nn.GRU`` or the tanh ``nn.RNN``), a linear read-out of every
+    state."""
 
-    def __init__(self, vocab: int, embed: int, hidden: int) -> None:
+    def __init__(self, vocab: int, embed: int, hidden: int, cell: type[nn.Module] = nn.LSTM) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab, embed)
-        self.rnn = nn.LSTM(embed, hidden, batch_first=True)
+        self.rnn = cell(embed, hidden, batch_first=True)
         self.head = nn.Linear(hidden, vocab)
 
     def forward(self, tokens: Tensor) -> Tensor:
@@ -562,6 +564,65 @@ def _adam_irnn(seed: int) -> Built:
     return build_workload("rnn", seed=seed, optimizer="adam", lr=3e-3, **_ADDING)
 
 
+def _linear_teacher(dim: int, scale: float) -> Callable[[torch.Generator], Tensor]:
+    return lambda g: torch.randn(dim, generator=g) * scale
+
+
+def _linear_regression(n: int, g: torch.Generator, w: Tensor) -> TensorDataset:
+    """``y = x w + 0.5 noise``: with ``w`` of entries ``~ N(0, 3^2)`` in 32 dimensions the targets are ~17."""
+    x = torch.randn(n, w.shape[0], generator=g)
+    return TensorDataset(x, x @ w + 0.5 * torch.randn(n, generator=g))
+
+
+def _linear_data(seed: int) -> SyntheticData:
+    return SyntheticData(_linear_teacher(32, 3.0), _linear_regression, 8192, 2048, 32, seed)
+
+
+def _linear_sgd(seed: int) -> Built:
+    return _regression(nn.Linear(32, 1), Optim("sgd", 0.01), _linear_data(seed))
+
+
+# the holdout set: added after the first default was chosen, and fixed before any candidate ran on it
+
+
+def _gru_chars_sgd(seed: int) -> Built:
+    data = MachineTextData("copyrights", 200_000, 32, 16, seed, stride=4)
+    return _language_model(RecurrentLM(CHAR_VOCAB, 32, 64, nn.GRU), Optim("sgd", 0.3, momentum=0.9), data)
+
+
+def _mlp_regression_sgd(seed: int) -> Built:
+    data = SyntheticData(_teacher(8, 5.0), _teacher_regression, 8192, 2048, 64, seed)
+    return _regression(_mlp([8, 128, 1]), Optim("sgd", 0.01), data)
+
+
+def _gru_words_adam(seed: int) -> Built:
+    return _language_model(RecurrentLM(1000, 64, 64, nn.GRU), Optim("adam", 2e-3), _copyright_words(seed))
+
+
+def _linear_adam(seed: int) -> Built:
+    return _regression(nn.Linear(32, 1), Optim("adam", 0.05), _linear_data(seed))
+
+
+def _rnn_chars_sgd(seed: int) -> Built:
+    data = MachineTextData("package_docs", 200_000, 32, 16, seed, stride=4)
+    return _language_model(RecurrentLM(CHAR_VOCAB, 32, 128, nn.RNN), Optim("sgd", 4.0), data)
+
+
+def _mlp_blobs_sgd_lr1(seed: int) -> Built:
+    return _classifier(_mlp([32, 128, 128, 128, 10]), Optim("sgd", 1.0, momentum=0.9), _blobs_data(seed))
+
+
+def _adam_regression_bad_batches(seed: int) -> Built:
+    data = SyntheticData(_teacher(16, 20.0), _teacher_regression, 8192, 2048, 64, seed)
+    module, data = _regression(_mlp([16, 64, 64, 1]), Optim("adam", 3e-3), data)
+    module.bad_steps, module.bad_scale = frozenset(_BAD_BATCHES["bad_steps"]), _BAD_BATCHES["bad_scale"]
+    return module, data
+
+
+def _adamw_deep_mlp(seed: int) -> Built:
+    return _classifier(_mlp([32] + [64] * 12 + [10]), Optim("adamw", 1e-2), _blobs_data(seed, separation=0.5))
+
+
 _WORKLOADS = [
     Workload("mlp_blobs", "healthy", "sgd", 200, _mlp_blobs, "3-layer MLP, Gaussian clusters, SGD lr 0.1"),
     Workload(
@@ -623,6 +684,22 @@ _WORKLOADS = [
         "small CNN on shifted templates, AdamW; four batches with inputs x1000 mid-run",
     ),
     Workload("adam_irnn", "exploding", "adam", 300, _adam_irnn, "IRNN on the adding problem, Adam lr 3e-3"),
+    Workload("linear_sgd", "healthy", "sgd", 300, _linear_sgd, "linear regression, targets ~17, SGD lr 0.01"),
+    Workload("gru_chars_sgd", "healthy", "sgd", 200, _gru_chars_sgd, "GRU character LM (copyright files), SGD+momentum"),
+    Workload("mlp_regression_sgd", "healthy", "sgd", 300, _mlp_regression_sgd, "one-hidden-layer MLP regression, SGD"),
+    Workload("gru_words_adam", "healthy", "adam", 200, _gru_words_adam, "GRU word LM (copyright files), Adam"),
+    Workload("linear_adam", "healthy", "adam", 300, _linear_adam, "linear regression, targets ~17, Adam lr 0.05"),
+    Workload("rnn_chars_sgd", "exploding", "sgd", 200, _rnn_chars_sgd, "tanh RNN character LM (package docs), SGD lr 4"),
+    Workload("mlp_blobs_sgd_lr1", "exploding", "sgd", 200, _mlp_blobs_sgd_lr1, "4-layer MLP, SGD+momentum lr 1"),
+    Workload(
+        "adam_regression_bad_batches",
+        "exploding",
+        "adam",
+        300,
+        _adam_regression_bad_batches,
+        "MLP regression, targets ~10, Adam; four batches with inputs x1000 mid-run",
+    ),
+    Workload("adamw_deep_mlp", "exploding", "adam", 200, _adamw_deep_mlp, "13-layer unnormalised MLP, AdamW lr 1e-2"),
 ]
 
 SUITE: dict[str, Workload] = {w.name: w for w in _WORKLOADS}
@@ -639,8 +716,10 @@ SELECTION: tuple[str, ...] = (
     "lstm_words_sgd20",
     "postln_adamw",
     "adamw_conv_bad_batches",
+    "linear_sgd",
 )
-"""The workloads a default is chosen on: healthy and exploding, SGD and Adam."""
+"""The workloads a default is chosen on: healthy and exploding, SGD and Adam. ``linear_sgd`` joined after the first
+default (``ema_ratio_4+sgd_explosion_cap_1``) was found to stall it."""
 
 CONFIRMATION: tuple[str, ...] = (
     "demo_transformer",
@@ -653,6 +732,19 @@ CONFIRMATION: tuple[str, ...] = (
     "adam_irnn",
 )
 """The workloads a chosen default is confirmed on, never used to choose it."""
+
+HOLDOUT: tuple[str, ...] = (
+    "gru_chars_sgd",
+    "mlp_regression_sgd",
+    "gru_words_adam",
+    "linear_adam",
+    "rnn_chars_sgd",
+    "mlp_blobs_sgd_lr1",
+    "adam_regression_bad_batches",
+    "adamw_deep_mlp",
+)
+"""A second confirmation set, built after the confirmation set's results were known and fixed (its kinds checked
+with no clipping and fixed thresholds only) before any candidate rule ran on it."""
 
 
 def build(name: str, seed: int) -> tuple[LightningModule, LightningDataModule]:

@@ -12,7 +12,7 @@ import torch
 from lightning import Trainer
 from torch import nn
 
-from benchmarks.workloads import CONFIRMATION, SELECTION, SUITE, Optim, SuiteModule, machine_text
+from benchmarks.workloads import CONFIRMATION, HOLDOUT, SELECTION, SUITE, Optim, SuiteModule, machine_text
 from benchmarks.workloads import build as build_suite_workload
 from examples.workloads import (
     VOCAB_SIZE,
@@ -194,10 +194,10 @@ def test_transformer_rejects_long_input():
 
 
 def test_suite_split_holds_both_kinds_and_both_optimizer_families():
-    assert set(SELECTION).isdisjoint(CONFIRMATION)
-    assert set(SELECTION) | set(CONFIRMATION) == set(SUITE)
+    sets = (SELECTION, CONFIRMATION, HOLDOUT)
+    assert sum(len(members) for members in sets) == len(set().union(*sets)) == len(SUITE)  # disjoint, all of it
     every_kind = {(kind, family) for kind in ("healthy", "exploding") for family in ("sgd", "adam")}
-    for members in (SELECTION, CONFIRMATION):
+    for members in sets:
         assert {(SUITE[n].kind, SUITE[n].family) for n in members} == every_kind
     kinds = [w.kind for w in SUITE.values()]
     assert kinds.count("healthy") >= 4 and kinds.count("exploding") >= 6
