@@ -28,6 +28,7 @@ __all__ = [
     "ClipCallback",
     "EmaRatio",
     "ExplosionCap",
+    "LayerExplosionCap",
     "Rule",
     "Step",
     "UpdateBound",
@@ -199,6 +200,44 @@ class ExplosionCap(Rule):
             self.previous = torch.where(step.finite, step.norm, previous)
 
 
+class LayerExplosionCap(Rule):
+    """:class:`ExplosionCap` with the step measured per layer: the cap latches from the first step at which some
+    weight with two or more dimensions would move, in one plain SGD step with its group's learning rate, by more
+    than ``ratio`` times its own norm (``lr * ||g_l|| > ratio * ||W_l||``). A whole-model ratio mixes a layer that
+    explodes with many that do not, and it flags weights that grow from a small start on a large gradient (a linear
+    model on large targets). A weight whose norm is below ``floor`` (zero-initialised) is not watched until it
+    grows. Only ``torch.optim.SGD`` is watched (see :class:`ExplosionCap`)."""
+
+    def __init__(self, ratio: float = 2.0, cap: float = 1.0, floor: float = 1e-3) -> None:
+        self.ratio, self.cap, self.floor = ratio, cap, floor
+        self.latched: Optional[Tensor] = None
+
+    def _exploding(self, step: Step) -> Tensor:
+        if not isinstance(getattr(step.optimizer, "optimizer", step.optimizer), torch.optim.SGD):
+            return torch.zeros_like(step.finite)
+        worst = []
+        for group, params in step.groups:
+            weights = [p for p in params if p.ndim > 1]
+            if weights:
+                g = torch.stack(torch._foreach_norm([p.grad for p in weights]))
+                w = torch.stack(torch._foreach_norm([p.detach() for p in weights]))
+                rel = torch.where(w > self.floor, group["lr"] * g / w.clamp(min=self.floor), 0.0)
+                worst.append(rel.amax())
+        if not worst:
+            return torch.zeros_like(step.finite)
+        return step.finite & (torch.stack(worst).amax().to(step.norm.device) > self.ratio)
+
+    def threshold(self, step: Step) -> Tensor:
+        if self.latched is None:
+            self.latched = torch.zeros_like(step.finite)
+        self._now = self._exploding(step)
+        explosive = self.latched | self._now
+        return torch.where(explosive, torch.full_like(step.norm, self.cap), torch.full_like(step.norm, math.inf))
+
+    def observe(self, step: Step, clipped_norm: Tensor) -> None:
+        self.latched = self.latched | self._now
+
+
 class ClipCallback(Callback):
     """Clip the global gradient norm to the smallest threshold of ``rules`` at every optimizer step.
 
@@ -290,14 +329,20 @@ CANDIDATES: dict[str, Callable[[], Callback]] = {
     "zscore_relative+explosion_cap_1": lambda: ClipCallback(ZScore(), ExplosionCap(0.1, 1.0)),
     "ema_ratio_3+explosion_0.05_cap_1": lambda: ClipCallback(EmaRatio(3.0), ExplosionCap(0.05, 1.0)),
     "ema_ratio_3+sgd_explosion_cap_1": lambda: ClipCallback(EmaRatio(3.0), ExplosionCap(0.1, 1.0, sgd_only=True)),
-    "ema_ratio_4+sgd_explosion_cap_1": lambda: recommended(),
+    "ema_ratio_4+sgd_explosion_cap_1": lambda: ClipCallback(EmaRatio(4.0), ExplosionCap(0.1, 1.0, sgd_only=True)),
     "ema_ratio_5+sgd_explosion_cap_1": lambda: ClipCallback(EmaRatio(5.0), ExplosionCap(0.1, 1.0, sgd_only=True)),
     "ema_ratio_4+sgd_growth_cap_1": lambda: ClipCallback(EmaRatio(4.0), ExplosionCap(0.1, 1.0, True, growth=True)),
+    "ema_ratio_4+layer_explosion_1_cap_1": lambda: ClipCallback(EmaRatio(4.0), LayerExplosionCap(1.0)),
+    "ema_ratio_4+layer_explosion_2_cap_1": lambda: recommended(),
+    "ema_ratio_4+layer_explosion_4_cap_1": lambda: ClipCallback(EmaRatio(4.0), LayerExplosionCap(4.0)),
 }
 """``name -> factory`` of every candidate rule, in the order they were tried."""
 
-RECOMMENDED = "ema_ratio_4+sgd_explosion_cap_1"
-"""The rule chosen on the selection set: see :func:`recommended`."""
+RECOMMENDED = "ema_ratio_4+layer_explosion_2_cap_1"
+"""The rule chosen on the selection set: see :func:`recommended`. It replaced ``ema_ratio_4+sgd_explosion_cap_1``,
+whose whole-model trigger stalls a linear regression on large targets (``linear_sgd``): the three per-layer triggers
+tied with it on the other selection workloads and met both goals on ``linear_sgd``; of the two best (ratios 1 and 2,
+equal on every selection workload) the larger ratio was taken, as it leaves more room to healthy runs."""
 
 SHORTLIST: tuple[str, ...] = (
     "zscore_relative",
@@ -310,8 +355,11 @@ SHORTLIST: tuple[str, ...] = (
     "update_0.05+ema_ratio_10",
     "ema_ratio_3+explosion_cap_1",
     "ema_ratio_3+sgd_explosion_cap_1",
-    RECOMMENDED,
+    "ema_ratio_4+sgd_explosion_cap_1",
     "ema_ratio_5+sgd_explosion_cap_1",
+    "ema_ratio_4+layer_explosion_1_cap_1",
+    RECOMMENDED,
+    "ema_ratio_4+layer_explosion_4_cap_1",
 )
 """The candidates the full suite runs by default: one of each idea, and the recommended rule with its neighbours."""
 
@@ -325,10 +373,11 @@ def recommended() -> ClipCallback:
       (after clipping), started at the first finite norm, which passes unclipped. A spike never raises the bar; a
       sustained rise lifts it by at most 15% per step.
     - **explosion cap** ``1.0`` on this step and every later one, from the first step at which the optimizer is
-      ``torch.optim.SGD`` and the plain SGD step would exceed a tenth of the weights:
-      ``sqrt(sum over groups (lr_i * n_i) ** 2) > 0.1 * max(||W||, 1e-3)``, with the learning rate in force.
+      ``torch.optim.SGD`` and the plain SGD step of some weight with two or more dimensions would be more than twice
+      that weight's norm: ``lr_l * ||g_l|| > 2 * ||W_l||``, with the learning rate in force and weights of norm
+      below 1e-3 (zero-initialised) not watched.
 
     The threshold is the smaller of the two; ``coef = min(1, threshold / (n + 1e-6))`` scales every gradient. A step
     whose norm is not finite is left untouched and changes neither ``mu`` nor the latch.
     """
-    return ClipCallback(EmaRatio(4.0), ExplosionCap(0.1, 1.0, sgd_only=True))
+    return ClipCallback(EmaRatio(4.0), LayerExplosionCap(2.0))
