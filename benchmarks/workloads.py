@@ -685,11 +685,11 @@ _WORKLOADS = [
     ),
     Workload("adam_irnn", "exploding", "adam", 300, _adam_irnn, "IRNN on the adding problem, Adam lr 3e-3"),
     Workload("linear_sgd", "healthy", "sgd", 300, _linear_sgd, "linear regression, targets ~17, SGD lr 0.01"),
-    Workload("gru_chars_sgd", "healthy", "sgd", 200, _gru_chars_sgd, "GRU character LM (copyright files), SGD+momentum"),
+    Workload("gru_chars_sgd", "healthy", "sgd", 200, _gru_chars_sgd, "GRU char LM (copyright files), SGD+momentum"),
     Workload("mlp_regression_sgd", "healthy", "sgd", 300, _mlp_regression_sgd, "one-hidden-layer MLP regression, SGD"),
     Workload("gru_words_adam", "healthy", "adam", 200, _gru_words_adam, "GRU word LM (copyright files), Adam"),
     Workload("linear_adam", "healthy", "adam", 300, _linear_adam, "linear regression, targets ~17, Adam lr 0.05"),
-    Workload("rnn_chars_sgd", "exploding", "sgd", 200, _rnn_chars_sgd, "tanh RNN character LM (package docs), SGD lr 4"),
+    Workload("rnn_chars_sgd", "exploding", "sgd", 200, _rnn_chars_sgd, "tanh RNN char LM (package docs), SGD lr 4"),
     Workload("mlp_blobs_sgd_lr1", "exploding", "sgd", 200, _mlp_blobs_sgd_lr1, "4-layer MLP, SGD+momentum lr 1"),
     Workload(
         "adam_regression_bad_batches",

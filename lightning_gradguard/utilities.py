@@ -5,7 +5,7 @@ counts them in a block of code, so a test on the CPU proves the code would not s
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -19,9 +19,8 @@ _SYNC_OPS = {
     _aten.nonzero_static.default: "nonzero",
     _aten.masked_select.default: "nonzero",
 }
-
-
-_BOOL_INDEX_OPS = {_aten.index.Tensor, _aten.index_put.default, _aten.index_put_.default, _aten._index_put_impl_.default}
+_INDEX_PUT = (_aten.index_put, _aten.index_put_, _aten._index_put_impl_)
+_BOOL_INDEX_OPS = {_aten.index.Tensor, *(f.default for f in _INDEX_PUT)}
 
 
 def _is_boolean_index(func: Any, args: tuple) -> bool:

@@ -4,7 +4,7 @@ autoclip, timm's AGC formula, torch), non-finite steps, the safe start, no host 
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Optional
 
 import pytest
 import torch
@@ -706,7 +706,7 @@ def test_gradient_clip_val_as_well_is_refused_at_setup(tmp_path):
         ({"method": "quantile", "quantile": 1.5}, ValueError, r"`quantile` to be a number in \(0, 1\] but got 1.5"),
         ({"method": "quantile", "history_length": 0}, ValueError, r"`history_length` to be an integer >= 1 but got 0"),
         ({"method": "zscore", "alpha": 1.0}, ValueError, r"Expected `alpha` to be a number in \(0, 1\) but got 1.0"),
-        ({"method": "zscore", "z_thresh": 0}, ValueError, r"Expected `z_thresh` to be a number in \(0, inf\) but got 0"),
+        ({"method": "zscore", "z_thresh": 0}, ValueError, r"`z_thresh` to be a number in \(0, inf\) but got 0"),
         ({"method": "zscore", "zscore_mode": "median"}, ValueError, r"`zscore_mode` to be one of .* but got 'median'"),
         ({"method": "zscore", "warmup_steps": 0}, ValueError, r"`warmup_steps` to be an integer >= 1 but got 0"),
         ({"method": "zscore", "warmup_factor": 0.5}, ValueError, r"`warmup_factor` to be a number in \[1, inf\]"),
@@ -723,7 +723,7 @@ def test_gradient_clip_val_as_well_is_refused_at_setup(tmp_path):
         ({"spike_factor": 0.5}, ValueError, r"Expected `spike_factor` to be a number in \[1, inf\) but got 0.5"),
         ({"method": "zscore", "explosion_cap": 1.0}, ValueError, r"`explosion_cap` applies to method=auto only"),
         ({"method": "zscore", "agc_exclude": ["head"]}, ValueError, r"`agc_exclude` applies to method=agc only"),
-        ({"method": "value", "clip_value": 1.0, "adagc_beta": 0.9}, ValueError, r"`adagc_beta` applies to method=adagc"),
+        ({"method": "value", "clip_value": 1, "adagc_beta": 0.9}, ValueError, r"`adagc_beta` applies to method=adagc"),
         ({"flush_interval": 0}, ValueError, r"Expected `flush_interval` to be a positive integer or None but got 0"),
     ],
 )
@@ -735,6 +735,50 @@ def test_bad_arguments_fail_at_construction(kwargs, error, match):
 # ---------------------------------------------------------------------------------------------------------------
 # clipping that acts on most steps; AGC's output layer
 # ---------------------------------------------------------------------------------------------------------------
+
+
+def _auto_step(clipper: GradientClipper, weights: list[torch.Tensor], grads: list[torch.Tensor], optimizer) -> Any:
+    for w, g in zip(weights, grads):
+        w.grad = g.clone()
+    return clipper.clip_(weights, optimizer=optimizer)
+
+
+def test_auto_caps_from_the_first_sgd_step_that_would_move_a_weight_by_twice_its_norm():
+    """The default's explosion cap latches on the step of one weight matrix, with the learning rate in force."""
+    big, small = nn.Parameter(torch.full((4, 4), 10.0)), nn.Parameter(torch.full((2, 2), 0.5))  # norms 40 and 1
+    optimizer = torch.optim.SGD([big, small], lr=1.0)
+    clipper = GradientClipper()
+    # small's step is 1.5 x its norm (the whole model's, 1.5 / 40): no cap, and the first norm passes unclipped
+    first = _auto_step(clipper, [big, small], [torch.zeros(4, 4), torch.full((2, 2), 0.75)], optimizer)
+    assert math.isinf(first.threshold.item()) and first.coef.item() == 1.0
+    # 2.5 x its norm: capped at 1.0 from this step on, also once the steps are small again
+    second = _auto_step(clipper, [big, small], [torch.zeros(4, 4), torch.full((2, 2), 1.25)], optimizer)
+    assert second.threshold.item() == 1.0 and second.clipped_norm.item() == pytest.approx(1.0)
+    third = _auto_step(clipper, [big, small], [torch.zeros(4, 4), torch.full((2, 2), 0.1)], optimizer)
+    assert third.threshold.item() == 1.0 and third.coef.item() == 1.0
+    # the learning rate in force: the same gradient at lr 0.5 (a scheduler's cut) does not latch a fresh clipper
+    optimizer.param_groups[0]["lr"] = 0.5
+    fresh = _auto_step(GradientClipper(), [big, small], [torch.zeros(4, 4), torch.full((2, 2), 1.25)], optimizer)
+    assert math.isinf(fresh.threshold.item())
+
+
+@pytest.mark.parametrize("case", ["zero_init", "vector", "adam", "other_group"])
+def test_auto_does_not_cap_where_a_large_step_is_no_explosion(case):
+    """Zero-initialised weights (nothing to compare the step with), vectors (biases, norm scales), Adam (its step is
+    not ``lr * g``), and a weight whose own group has a small learning rate."""
+    weight = nn.Parameter(torch.zeros(3, 3) if case == "zero_init" else torch.ones(3, 3))
+    vector = nn.Parameter(torch.full((3,), 0.1))
+    grads = [torch.full((3, 3), 100.0 if case != "vector" else 0.0), torch.full((3,), 100.0)]
+    if case == "adam":
+        optimizer = torch.optim.Adam([weight, vector], lr=1.0)
+    elif case == "other_group":
+        optimizer = torch.optim.SGD([{"params": [weight], "lr": 1e-3}, {"params": [vector], "lr": 1.0}])
+    else:
+        optimizer = torch.optim.SGD([weight, vector], lr=1.0)
+    clipper = GradientClipper()
+    for _ in range(3):
+        result = _auto_step(clipper, [weight, vector], grads, optimizer)
+    assert math.isinf(result.threshold.item()) or result.threshold.item() > 1.0
 
 
 @pytest.mark.parametrize("max_norm, persistent", [(1e-4, True), (1e6, False)])
@@ -787,8 +831,9 @@ def test_agc_leaves_the_output_layer_alone(tmp_path, model, exclude, left_alone,
     config = {"method": "agc", "agc_factor": 1e-4, **({} if exclude is None else {"agc_exclude": exclude})}
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        _, module, _ = fit(tmp_path, GradientClipping(**config), before=[before], after=[after], model=model(),
-                           max_steps=3)
+        _, module, _ = fit(
+            tmp_path, GradientClipping(**config), before=[before], after=[after], model=model(), max_steps=3
+        )
     names = [n for n, p in module.named_parameters()]
     untouched = {n for i, n in enumerate(names) if torch.equal(before.grads[2][i], after.grads[2][i])}
     assert untouched == left_alone

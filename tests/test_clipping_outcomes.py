@@ -3,8 +3,8 @@
 The slice trains one healthy and one exploding workload of the suite for real (``Trainer.fit``, one seed, their
 full step counts, a few seconds in all): without clipping the exploding run diverges while Lightning's
 ``gradient_clip_val`` at the value that is best for it does not, and the package's default, ``GradientClipping()``,
-leaves the healthy run within the healthy tolerance and keeps the exploding one from diverging. The full tables over three seeds and every
-workload are ``python benchmarks/outcomes.py --jobs 2``.
+leaves the healthy run within the healthy tolerance and keeps the exploding one from diverging. The full tables over
+three seeds and every workload are ``python benchmarks/outcomes.py --jobs 2``.
 """
 
 from __future__ import annotations
@@ -54,6 +54,15 @@ def _result(workload: str, method: str, seed: int, loss: float, diverged: bool =
         "divergence_threshold": 2.0,
         "diverged": diverged,
     }
+
+
+@pytest.mark.parametrize("workload", ["linear_sgd", "lstm_words_sgd20"])
+def test_the_package_default_trains_as_the_chosen_candidate(workload):
+    """``GradientClipping()`` is the rule chosen on the selection set (``benchmarks/candidates.py``), in one real
+    healthy run its whole-model predecessor stalled and one exploding run it rescues."""
+    package, candidate = _run(workload, outcomes.PACKAGE_DEFAULT), _run(workload, f"candidate {RECOMMENDED}")
+    assert package["final_loss"] == pytest.approx(candidate["final_loss"], rel=1e-4)
+    assert package["clipped_steps"] is None and candidate["clipped_steps"] >= (workload != "linear_sgd")
 
 
 def test_judging_against_no_clipping_and_the_best_clip_value():

@@ -14,7 +14,6 @@ from lightning.pytorch.plugins.precision import MixedPrecision
 
 from lightning_gradguard.callbacks.guard import ExplosionGuard, GradientExplosionError
 from lightning_gradguard.events import read_jsonl
-from lightning_gradguard.utilities import HostSyncCounter
 from tests.helpers.faults import Faults
 from tests.helpers.models import TinyMLP, tiny_trainer
 from tests.helpers.reads import NormReadCounter
@@ -102,8 +101,9 @@ def test_bad_arguments_are_rejected_with_a_clear_message(kwargs, error, match):
 
 
 def test_log_mode_is_sync_free_and_reports_every_event_with_its_layer(tmp_path, caplog):
-    guard = counting(ExplosionGuard)(on_nonfinite="log", on_spike="log", window=16, warmup=5, max_norm=100.0,
-                                     flush_interval=4)
+    guard = counting(ExplosionGuard)(
+        on_nonfinite="log", on_spike="log", window=16, warmup=5, max_norm=100.0, flush_interval=4
+    )
     tb = TensorBoardLogger(tmp_path, name="tb", version=0)
     model = TinyMLP()
     injected = faults(nan_steps={6}, spike_steps={10}, loss_offset_steps={14})
@@ -111,7 +111,9 @@ def test_log_mode_is_sync_free_and_reports_every_event_with_its_layer(tmp_path, 
     caplog.set_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero")
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addHandler(caplog.handler)
     try:
-        tiny_trainer(tmp_path, max_steps=18, callbacks=[injected, guard, RepairAfterGuard({6, 10})], logger=tb).fit(model)
+        tiny_trainer(tmp_path, max_steps=18, callbacks=[injected, guard, RepairAfterGuard({6, 10})], logger=tb).fit(
+            model
+        )
     finally:
         logging.getLogger("lightning.pytorch.utilities.rank_zero").removeHandler(caplog.handler)
 
@@ -147,8 +149,15 @@ def test_log_mode_is_sync_free_and_reports_every_event_with_its_layer(tmp_path, 
     report = texts[1].tensor_proto.string_val[0].decode()
     assert "**spike** at step 10" in report and f"| 1 | {SPIKE_LAYER} |" in report
     assert read_layout(tb.log_dir)["gradguard"]["events"] == [r"gradguard/events/.*", r"gradguard/guard/.*"]
-    assert guard.event_counts == {"nonfinite": 1, "spike": 1, "loss_spike": 1, "threshold": 1, "overflow": 0,
-                                  "scale_collapse": 0, "persistent_clipping": 0}
+    assert guard.event_counts == {
+        "nonfinite": 1,
+        "spike": 1,
+        "loss_spike": 1,
+        "threshold": 1,
+        "overflow": 0,
+        "scale_collapse": 0,
+        "persistent_clipping": 0,
+    }
 
     # the end-of-fit summary on rank 0
     summary = next(r.getMessage() for r in caplog.records if "ExplosionGuard summary" in r.getMessage())
@@ -196,7 +205,9 @@ def test_skip_leaves_parameters_and_optimizer_state_bitwise_unchanged(tmp_path, 
     guard = counting(ExplosionGuard)(on_nonfinite="skip", window=16, warmup=4)
     model = OptimizerChoice(optimizer_name)
     callbacks = [faults(nan_steps={nan_step}), guard, around]
-    tiny_trainer(tmp_path, max_steps=10, callbacks=callbacks, accelerator=accelerator, logger=logger(tmp_path)).fit(model)
+    tiny_trainer(tmp_path, max_steps=10, callbacks=callbacks, accelerator=accelerator, logger=logger(tmp_path)).fit(
+        model
+    )
 
     assert_bitwise_equal(around.before, around.after)  # no parameter, moment, step count or decay changed
     assert guard.skipped == 1 and guard.consecutive_skips == 0
@@ -235,9 +246,9 @@ def test_raise_stops_fit_with_a_report_naming_step_norm_and_layers(tmp_path, fau
 def test_too_many_consecutive_skips_raise(tmp_path):
     guard = ExplosionGuard(on_nonfinite="skip", max_consecutive_skips=3)
     with pytest.raises(GradientExplosionError, match=r"3 steps in a row were skipped \(max_consecutive_skips=3\)"):
-        tiny_trainer(tmp_path, max_steps=20, callbacks=[faults(nan_steps=range(4, 20)), guard], logger=logger(tmp_path)).fit(
-            TinyMLP()
-        )
+        tiny_trainer(
+            tmp_path, max_steps=20, callbacks=[faults(nan_steps=range(4, 20)), guard], logger=logger(tmp_path)
+        ).fit(TinyMLP())
     assert guard.skipped == 3
     actions = [(e.step, e.action) for e in read_jsonl(guard.events_path)]
     assert actions == [(4, "skipped"), (5, "skipped"), (6, "raised")]
@@ -462,7 +473,9 @@ def test_amp_overflow_on_cpu_is_reported_as_overflow_and_not_skipped_twice(tmp_p
     plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**20))
     guard, recorder = ExplosionGuard(on_nonfinite="skip", on_spike="skip", window=16, warmup=4), ScalerRecorder()
     model = TinyMLP()
-    tiny_trainer(tmp_path, max_steps=16, plugins=[plugin], callbacks=[guard, recorder], logger=logger(tmp_path)).fit(model)
+    tiny_trainer(tmp_path, max_steps=16, plugins=[plugin], callbacks=[guard, recorder], logger=logger(tmp_path)).fit(
+        model
+    )
     check_overflow_is_reported_not_skipped(guard, recorder, guard.events_path)
     assert not all(recorder.found_inf.values()), "the scale must have come down and training resumed"
     assert all(torch.isfinite(p).all() for p in model.parameters())
@@ -472,8 +485,9 @@ def test_amp_overflow_on_cpu_is_reported_as_overflow_and_not_skipped_twice(tmp_p
 def test_amp_overflow_on_cuda_is_reported_as_overflow_and_not_skipped_twice(tmp_path):
     guard, recorder = ExplosionGuard(on_nonfinite="skip", on_spike="skip", window=16, warmup=4), ScalerRecorder()
     callbacks = [guard, recorder]
-    trainer = tiny_trainer(tmp_path, accelerator="cuda", precision="16-mixed", max_steps=16, callbacks=callbacks,
-                           logger=logger(tmp_path))
+    trainer = tiny_trainer(
+        tmp_path, accelerator="cuda", precision="16-mixed", max_steps=16, callbacks=callbacks, logger=logger(tmp_path)
+    )
     trainer.precision_plugin.scaler = torch.amp.GradScaler("cuda", init_scale=2.0**20)
     trainer.fit(TinyMLP())
     check_overflow_is_reported_not_skipped(guard, recorder, guard.events_path)

@@ -50,7 +50,10 @@ def test_nan_on_one_rank_gets_the_same_response_on_every_rank(strategy, tmp_path
     log_dir = tmp_path / "logs" / "version_0"
     events = read_jsonl(log_dir / "gradguard_events.jsonl")
     nonfinite = [e for e in events if e.kind == "nonfinite"]
-    assert [(e.step, e.action, e.rank) for e in nonfinite] == [(NAN_STEP, "skipped", 1), (LOCAL_FAULT_STEP, "skipped", 1)]
+    assert [(e.step, e.action, e.rank) for e in nonfinite] == [
+        (NAN_STEP, "skipped", 1),
+        (LOCAL_FAULT_STEP, "skipped", 1),
+    ]
     spikes = [(e.step, e.action, e.rank) for e in events if e.kind == "loss_spike"]
     assert spikes == [(BLOWUP_STEPS[0], "skipped", 0), (BLOWUP_STEPS[1], "rewound", 0)]
     assert len(events) == len({(e.step, e.kind) for e in events}), "no event written twice"

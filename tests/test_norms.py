@@ -197,7 +197,11 @@ def test_unit_norms_of_whole_tensors_of_mixed_dtypes(first):
 
 
 def test_step_gradients_leave_out_parameters_without_a_gradient_and_name_the_rest():
-    params = [torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(1))]
+    params = [
+        torch.nn.Parameter(torch.ones(2, 2)),
+        torch.nn.Parameter(torch.ones(3)),
+        torch.nn.Parameter(torch.ones(1)),
+    ]
     params[0].grad, params[2].grad = torch.full((2, 2), 2.0), torch.tensor([float("nan")])
     step = StepGradients(params, ["w", "b", "s"], with_units=True)
     assert step.names == ["w", "s"] and step.params == [params[0], params[2]]

@@ -4,7 +4,6 @@ precision, skipping without a host read, several optimizers, and where events go
 from __future__ import annotations
 
 import inspect
-import math
 import subprocess
 import sys
 
@@ -53,15 +52,25 @@ class StepLR(Callback):
 
 def _rewind_run(tmp_path, name, max_steps, spikes, patience, ckpt_path=None, ckpt_every=None):
     guard = ExplosionGuard(
-        on_spike="rewind", window=16, warmup=8, snapshot_interval=10, rewind_patience=patience, lr_factor=0.5,
+        on_spike="rewind",
+        window=16,
+        warmup=8,
+        snapshot_interval=10,
+        rewind_patience=patience,
+        lr_factor=0.5,
         max_consecutive_skips=None,
     )
     callbacks = [Faults(grads=dict.fromkeys(spikes, 1000.0), layer=LAYER), guard]
     if ckpt_every:
-        callbacks.append(ModelCheckpoint(dirpath=tmp_path / name / "ckpt", every_n_train_steps=ckpt_every, save_top_k=-1))
+        callbacks.append(
+            ModelCheckpoint(dirpath=tmp_path / name / "ckpt", every_n_train_steps=ckpt_every, save_top_k=-1)
+        )
     model = TinyMLP(num_samples=800)  # one epoch covers the run: the batches do not depend on where it resumes
     trainer = tiny_trainer(
-        tmp_path, max_steps=max_steps, callbacks=callbacks, logger=logger(tmp_path, name),
+        tmp_path,
+        max_steps=max_steps,
+        callbacks=callbacks,
+        logger=logger(tmp_path, name),
         enable_checkpointing=bool(ckpt_every),
     )
     trainer.fit(model, ckpt_path=ckpt_path)
@@ -116,9 +125,12 @@ SCHEDULERS = {
 def test_every_scheduler_of_torch_is_covered():
     schedulers = torch.optim.lr_scheduler
     public = {
-        name for name, cls in vars(schedulers).items()
-        if inspect.isclass(cls) and issubclass(cls, (schedulers.LRScheduler, schedulers.ReduceLROnPlateau))
-        and not name.startswith("_") and name not in ("LRScheduler", "_LRScheduler")
+        name
+        for name, cls in vars(schedulers).items()
+        if inspect.isclass(cls)
+        and issubclass(cls, (schedulers.LRScheduler, schedulers.ReduceLROnPlateau))
+        and not name.startswith("_")
+        and name not in ("LRScheduler", "_LRScheduler")
     }
     assert public <= set(SCHEDULERS), public - set(SCHEDULERS)
 
@@ -143,8 +155,16 @@ def test_the_rewind_learning_rate_cut_holds_under_every_scheduler(tmp_path, name
     snapshot, spikes = 10, (14, 15)
     probe = StepLR()
     # only the injected spikes are flagged: this is about learning rates, not detection
-    guard = ExplosionGuard(on_spike="rewind", window=8, warmup=6, threshold=50.0, detect_loss=False,
-                           snapshot_interval=snapshot, rewind_patience=2, lr_factor=0.5)
+    guard = ExplosionGuard(
+        on_spike="rewind",
+        window=8,
+        warmup=6,
+        threshold=50.0,
+        detect_loss=False,
+        snapshot_interval=snapshot,
+        rewind_patience=2,
+        lr_factor=0.5,
+    )
     callbacks = [Faults(grads=dict.fromkeys(spikes, 1000.0), layer=LAYER), guard, probe]
     trainer = tiny_trainer(tmp_path, max_steps=30, callbacks=callbacks, log_every_n_steps=1)
     trainer.fit(Scheduled(SCHEDULERS[name], num_samples=800))
@@ -193,8 +213,9 @@ def test_a_stream_of_nan_losses_under_16_mixed_counts_as_skips(tmp_path):
     fifth, long before the loss scale collapses."""
     guard = ExplosionGuard(on_nonfinite="skip", max_consecutive_skips=5)
     faults = Faults(loss=dict.fromkeys(range(3, 40), "nan"))
-    trainer = tiny_trainer(tmp_path, max_steps=40, plugins=[_fp16_plugin()], callbacks=[faults, guard],
-                           logger=logger(tmp_path))
+    trainer = tiny_trainer(
+        tmp_path, max_steps=40, plugins=[_fp16_plugin()], callbacks=[faults, guard], logger=logger(tmp_path)
+    )
     with pytest.raises(GradientExplosionError, match=r"5 steps in a row were skipped"):
         trainer.fit(TinyMLP())
     assert trainer.global_step == 7 and guard.skipped == 5
@@ -209,8 +230,9 @@ def test_a_collapsing_loss_scale_is_its_own_event(tmp_path, on_nonfinite):
     ``max_consecutive_skips`` of them in a row a ``scale_collapse`` event is recorded once, and with any response
     but ``"log"`` the run stops with a message that says what happened."""
     guard = ExplosionGuard(on_nonfinite=on_nonfinite, max_consecutive_skips=6)
-    trainer = tiny_trainer(tmp_path, max_steps=12, plugins=[_fp16_plugin(init_scale=2.0**100)], callbacks=[guard],
-                           logger=logger(tmp_path))
+    trainer = tiny_trainer(
+        tmp_path, max_steps=12, plugins=[_fp16_plugin(init_scale=2.0**100)], callbacks=[guard], logger=logger(tmp_path)
+    )
     if on_nonfinite == "skip":
         with pytest.raises(GradientExplosionError, match="AMP loss scale collapsed") as info:
             trainer.fit(TinyMLP())
@@ -337,8 +359,11 @@ def test_without_a_logger_directory_no_events_file_is_written(tmp_path, monkeypa
 @pytest.mark.parametrize(
     ("saved", "resumed", "argument"),
     [
-        (GradientClipping("quantile", history_length=20), GradientClipping("quantile", history_length=8),
-         "history_length"),
+        (
+            GradientClipping("quantile", history_length=20),
+            GradientClipping("quantile", history_length=8),
+            "history_length",
+        ),
         (GradientClipping("zscore", warmup_steps=10), GradientClipping("zscore", warmup_steps=4), "warmup_steps"),
         (ExplosionGuard(window=32), ExplosionGuard(window=16, warmup=8), "window"),
     ],
@@ -367,10 +392,22 @@ def test_every_callback_works_the_same_under_pytorch_lightning(tmp_path):
     from tests.helpers.tb import load_events, read_layout, read_scalars
 
     tb = TensorBoardLogger(tmp_path, name="tb", version=0)
-    callbacks = [GradientNormMonitor(layer_interval=2, histogram_interval=4), ExplosionGuard(),
-                 GradientClipping("norm", max_norm=1.0), GradientQuantization()]
-    trainer = pl.Trainer(max_steps=8, logger=tb, callbacks=callbacks, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, accelerator="cpu", log_every_n_steps=4)
+    callbacks = [
+        GradientNormMonitor(layer_interval=2, histogram_interval=4),
+        ExplosionGuard(),
+        GradientClipping("norm", max_norm=1.0),
+        GradientQuantization(),
+    ]
+    trainer = pl.Trainer(
+        max_steps=8,
+        logger=tb,
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        accelerator="cpu",
+        log_every_n_steps=4,
+    )
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*not been tested with.*")
         trainer.fit(BoringModel())
@@ -380,6 +417,9 @@ def test_every_callback_works_the_same_under_pytorch_lightning(tmp_path):
 
 
 def test_functional_imports_without_lightning():
-    code = "import sys, lightning_gradguard.functional; print(any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules))"
+    code = (
+        "import sys, lightning_gradguard.functional;"
+        " print(any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"

@@ -48,7 +48,7 @@ def check_strategy(trainer: pl.Trainer, owner: str) -> None:
     strategy = trainer.strategy
     if isinstance(strategy, classes("strategies", "DeepSpeedStrategy")):
         raise RuntimeError(
-            f"{owner} does not support DeepSpeedStrategy: DeepSpeed partitions and clips gradients inside its own engine,"
+            f"{owner} does not support DeepSpeedStrategy: DeepSpeed partitions and clips gradients in its own engine,"
             " out of reach of `on_before_optimizer_step`. Use `strategy='ddp'` or FSDP2 through"
             " `ModelParallelStrategy` (with `fully_shard` in `configure_model`)."
         )
@@ -96,7 +96,8 @@ class GradStep(StepGradients):
 
     def tag(self, name: str) -> str:
         """``gradguard/<name>``, or ``gradguard/opt<i>/<name>`` when the trainer has several optimizers."""
-        return f"{TAG_PREFIX}/opt{self.optimizer_idx}/{name}" if self.pipeline.multi_optimizer else f"{TAG_PREFIX}/{name}"
+        prefix = f"{TAG_PREFIX}/opt{self.optimizer_idx}" if self.pipeline.multi_optimizer else TAG_PREFIX
+        return f"{prefix}/{name}"
 
     # logging: appends device tensors, never reads them; a no-op where nothing is recorded (rank > 0, no logger)
     def log(self, name: str, value: Union[Tensor, float]) -> None:

@@ -33,8 +33,8 @@ class GradientClipping(GradGuardCallback):
     Lightning), whose arguments this callback takes under the same names (``None``: the method's default; an
     argument of another method is an error). The default, ``"auto"``, lets a norm be at most ``spike_factor`` (4)
     times the EMA of the norms the optimizer got, and caps it at ``explosion_cap`` (1.0) from the first
-    ``torch.optim.SGD`` step that would move the weights by more than ``explosion_ratio`` (10%) of their norm; it was
-    chosen on a suite of healthy and exploding workloads and checked on others (the docs' outcome results). With
+    ``torch.optim.SGD`` step that would move some weight matrix by more than ``explosion_ratio`` (2) times its norm;
+    it was chosen on a suite of healthy and exploding workloads and checked on others (the docs' outcome results). With
     ``"agc"`` the output layer (the last module of the LightningModule that holds parameters, named in a message) is
     left alone unless ``agc_exclude`` is given.
 

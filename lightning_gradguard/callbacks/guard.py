@@ -12,7 +12,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor
 from typing_extensions import override
 
-from lightning_gradguard.callbacks._lightning import found_inf, grad_scaler, loss_scale, takes_found_inf, torch_optimizer
+from lightning_gradguard.callbacks._lightning import found_inf, grad_scaler, loss_scale, takes_found_inf
+from lightning_gradguard.callbacks._lightning import torch_optimizer
 from lightning_gradguard.callbacks._rewind import STEP_LR, Schedule, SnapshotDevice, TrainingSnapshot
 from lightning_gradguard.callbacks.base import TAG_PREFIX, GradGuardCallback, GradStep, check_positive_int
 from lightning_gradguard.events import EVENT_KINDS, ExplosionEvent, summary_table
@@ -377,19 +378,19 @@ class ExplosionGuard(GradGuardCallback):
         loss scale of an overflowing step fell below 1."""
         self._overflows = torch.where(overflow, to_device(self._overflows, overflow.device) + 1, 0)
         scale = loss_scale(scaler)
-        low = overflow & (scale.to(overflow.device).reshape(()) < 1) if scale is not None else torch.zeros_like(overflow)
+        low = torch.zeros_like(overflow) if scale is None else overflow & (scale.to(overflow.device).reshape(()) < 1)
         first_low, self._low_scale = low & ~to_device(self._low_scale, low.device), low
         if self.max_consecutive_skips is None:
             return first_low
         return first_low | (self._overflows == self.max_consecutive_skips)
 
-    def _across_ranks(self, trainer: pl.Trainer, flags: Tensor, origin: Tensor, own_fault: Tensor) -> tuple[Tensor, Tensor]:
+    def _across_ranks(self, trainer: pl.Trainer, flags: Tensor, origin: Tensor, own: Tensor) -> tuple[Tensor, Tensor]:
         """Every rank's flags (MAX). The origin is the loss's when a rank's own loss was non-finite, else the first
         rank whose own gradients were (a fault after the gradient reduction), else the loss's."""
         if not (trainer.world_size > 1 and dist.is_available() and dist.is_initialized()):
             return flags, origin
         world, rank = trainer.world_size, trainer.global_rank
-        mine = torch.where(own_fault, float(world - rank), 0.0).reshape(1)
+        mine = torch.where(own, float(world - rank), 0.0).reshape(1)
         combined = torch.cat([flags, mine])
         dist.all_reduce(combined, op=dist.ReduceOp.MAX)  # one collective, no host read
         first = combined[-1]
@@ -457,7 +458,9 @@ class ExplosionGuard(GradGuardCallback):
         self.rewinds += 1
         self.consecutive_skips = self.consecutive_flagged = 0
 
-    def _stop(self, trainer: pl.Trainer, step: GradStep, values: Tensor, action: str, reason: Optional[str] = None) -> None:
+    def _stop(
+        self, trainer: pl.Trainer, step: GradStep, values: Tensor, action: str, reason: Optional[str] = None
+    ) -> None:
         """Write the events of this step, then raise :class:`GradientExplosionError` on every rank."""
         self._record(trainer, step, values, action)
         self.pipeline.flush(trainer)

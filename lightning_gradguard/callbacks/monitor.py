@@ -72,7 +72,8 @@ class GradientNormMonitor(GradGuardCallback):
 
     @override
     def process_step(self, trainer: pl.Trainer, pl_module: pl.LightningModule, step: GradStep) -> None:
-        per_tensor, total = (step.per_tensor, step.total) if self.norm_type == 2 else grad_norms(step.grads, self.norm_type)
+        l2 = self.norm_type == 2
+        per_tensor, total = (step.per_tensor, step.total) if l2 else grad_norms(step.grads, self.norm_type)
         step.log("grad_norm", total)
         if self.layer_interval is not None and step.optimizer_step % self.layer_interval == 0:
             step.log_vector([f"layer/{name}" for name in step.names], per_tensor)
@@ -94,7 +95,9 @@ class GradientNormMonitor(GradGuardCallback):
     @override
     def charts(self) -> dict[str, list[str]]:
         return {
-            "gradient norm": [rf"{TAG_PREFIX}/(opt\d+/)?grad_norm(_clipped)?$", rf"{TAG_PREFIX}/(opt\d+/)?clip_threshold$"],
+            "gradient norm": [
+                rf"{TAG_PREFIX}/(opt\d+/)?grad_norm(_clipped)?$", rf"{TAG_PREFIX}/(opt\d+/)?clip_threshold$"
+            ],
             "gradient norm max": [rf"{TAG_PREFIX}/(opt\d+/)?grad_norm_max$"],
             "layer norms": [rf"{TAG_PREFIX}/(opt\d+/)?layer/.*"],
         }

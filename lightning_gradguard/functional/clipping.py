@@ -4,7 +4,8 @@ Rules (``g``: the gradients, ``n``: their global L2 norm):
 
 - ``"auto"`` (default): the threshold is the smaller of ``spike_factor`` times the EMA (weight ``alpha`` on the past)
   of the norms the optimizer got, and ``explosion_cap`` from the first step at which a ``torch.optim.SGD`` step
-  ``lr * g`` would move the weights by more than ``explosion_ratio`` of their norm. A spike never raises the limit;
+  ``lr * g`` would move some weight matrix by more than ``explosion_ratio`` times its norm (weights of norm below
+  1e-3, zero-initialised, are not watched until they grow). A spike never raises the limit;
   Adam-like optimizers normalise the gradient, so for them only the spike limit acts.
 - ``"norm"``: ``g <- g * min(1, max_norm / n)`` (``clip_grad_norm_``); ``"value"``: ``clamp(g, -c, c)``.
 - ``"quantile"``: the ``quantile`` of the last ``history_length`` norms (AutoClip, Seetharaman et al. 2020).
@@ -51,7 +52,7 @@ _ZSCORE_MODES = ("adaptive_scaling", "mean")
 # the arguments of each method, and their defaults when not given (``eps`` and ``max_norm`` apply to every method)
 _WARMUP = {"warmup_steps": None, "warmup_factor": 3.0, "warmup_threshold": 1.0}
 _ARGUMENTS: dict[str, dict[str, Any]] = {
-    "auto": {"spike_factor": 4.0, "alpha": 0.95, "explosion_ratio": 0.1, "explosion_cap": 1.0},
+    "auto": {"spike_factor": 4.0, "alpha": 0.95, "explosion_ratio": 2.0, "explosion_cap": 1.0},
     "norm": {},
     "value": {"clip_value": None},
     "quantile": {"quantile": 0.9, "history_length": 1000, **_WARMUP, "warmup_steps": 25},
@@ -196,16 +197,11 @@ class _Rule:
 
 
 class _SafeStart:
-    """The first ``steps`` finite steps of an adaptive rule (see :class:`GradientClipper`).
-
-    ``window`` holds every norm as the safe start clipped it (what the rule proper starts from), ``evidence`` only
-    the norms it let through (what its threshold follows).
-    """
+    """The first ``steps`` finite steps of an adaptive rule (see :class:`GradientClipper`): ``window`` holds every
+    norm as it clipped it (where the rule proper starts), ``evidence`` the norms it let through (what it follows)."""
 
     def __init__(self, steps: int, factor: float, threshold: float) -> None:
-        self.steps = steps
-        self.factor = factor
-        self.first_threshold = threshold
+        self.steps, self.factor, self.first_threshold = steps, factor, threshold
         self.window = RunningWindow(max(steps, 1))
         self.evidence = RunningWindow(max(steps, 1))
 
@@ -246,9 +242,7 @@ class _AutoRule(_Rule):
 
     def __init__(self, factor: float, alpha: float, ratio: float, cap: float) -> None:
         self.factor, self.alpha, self.ratio, self.cap = factor, alpha, ratio, cap
-        self.mean = torch.zeros(())
-        self.started = torch.zeros((), dtype=torch.bool)
-        self.latched = torch.zeros((), dtype=torch.bool)
+        self.mean, self.started, self.latched = torch.zeros(()), torch.tensor(False), torch.tensor(False)
         self._groups: tuple[tuple, list[Tensor]] = ((), [])  # per param group, where its tensors are in the step
 
     def state_dict(self) -> dict[str, Any]:
@@ -275,28 +269,29 @@ class _AutoRule(_Rule):
         return threshold
 
     def _explosive(self, step: StepGradients) -> Tensor:
-        """Device bool: the plain SGD step ``lr * g`` would move the weights by more than ``ratio`` of their norm.
-        Only for ``torch.optim.SGD``: Adam-like optimizers normalise the gradient, a large one is not a large step."""
+        """Device bool: the plain SGD step ``lr * g`` of some weight matrix would exceed ``ratio`` times its norm. Only
+        ``torch.optim.SGD``: Adam-like optimizers normalise the gradient. Per weight, so one exploding layer is not
+        diluted by the others, and weights growing from a small start on a large gradient are not flagged."""
         optimizer = step.optimizer
         if optimizer is None:
             raise ValueError("method='auto' reads the optimizer's learning rate: pass `optimizer` to `clip_`")
         if not isinstance(optimizer, torch.optim.SGD):
             return torch.zeros((), dtype=torch.bool, device=step.device)
-        groups = optimizer.param_groups
-        if len(groups) == 1:
-            update = step.total * groups[0]["lr"]
-        else:  # the learning rate in force for each group, times the norm of that group's gradients
-            squares = step.per_tensor.square()
-            update = torch.stack([squares.index_select(0, i).sum() * g["lr"] ** 2 for g, i in zip(groups, self._where(step))]).sum().sqrt()
         with torch.no_grad():
-            weights = grad_norms(step.params)[1]
-        return step.finite & (update > self.ratio * weights.clamp(min=1e-3))
+            weights = grad_norms(step.params)[0]
+        # the step of each tensor relative to its norm; zero-initialised weights (below 1e-3) are not watched
+        relative = torch.where(weights > 1e-3, step.per_tensor / weights.clamp(min=1e-3), 0.0)
+        groups = zip(optimizer.param_groups, self._where(step))
+        largest = [(relative.index_select(0, i) * g["lr"]).amax() for g, i in groups if len(i)]  # len: a shape
+        worst = torch.stack(largest).amax() if largest else torch.zeros((), device=step.device)
+        return step.finite & (worst > self.ratio)
 
     def _where(self, step: StepGradients) -> list[Tensor]:
-        """For each param group, the positions of its tensors among the step's (made once per set of tensors)."""
+        """For each param group, the positions of its weights with two or more dimensions among the step's tensors
+        (made once per set of tensors)."""
         key = (id(step.optimizer), tuple(id(p) for p in step.params))
         if key != self._groups[0]:
-            position = {id(p): i for i, p in enumerate(step.params)}
+            position = {id(p): i for i, p in enumerate(step.params) if p.ndim > 1}
             members = [[position[id(p)] for p in g["params"] if id(p) in position] for g in step.optimizer.param_groups]
             self._groups = (key, [to_device(torch.tensor(m, dtype=torch.long), step.device) for m in members])
         return self._groups[1]
@@ -361,7 +356,8 @@ class _ValueRule(_Rule):
 
     def clip_(self, step: StepGradients) -> tuple[Tensor, Tensor]:
         # float64 so the bound is exact in every gradient dtype; infinite on a non-finite step: left as it is
-        bound = torch.where(step.finite, torch.full((), self.clip_value, dtype=torch.float64, device=step.device), math.inf)
+        value = torch.full((), self.clip_value, dtype=torch.float64, device=step.device)
+        bound = torch.where(step.finite, value, math.inf)
         clamp_(step.local_grads, bound)
         return grad_norms(step.grads)[1], torch.full((), self.clip_value, device=step.device)
 
@@ -543,8 +539,8 @@ class GradientClipper:
         max_norm: absolute cap on the global L2 norm on top of any rule (``None``: none). The threshold of ``"norm"``.
         clip_value: ``"value"``: the bound on each element's magnitude (required).
         spike_factor: ``"auto"``: a norm may be at most this multiple of the EMA of past clipped norms; default 4.
-        explosion_ratio: ``"auto"``: a plain SGD step larger than this share of the weight norm turns the explosion
-            cap on; default 0.1.
+        explosion_ratio: ``"auto"``: a plain SGD step of a weight with two or more dimensions larger than this
+            multiple of its norm turns the explosion cap on; default 2.
         explosion_cap: ``"auto"``: the cap on the global norm from then on; default 1.0.
         quantile: ``"quantile"``: which quantile of the history is the threshold, in ``(0, 1]``; default 0.9.
         history_length: ``"quantile"``: how many past norms the history keeps; default 1000.
@@ -680,11 +676,13 @@ class GradientClipper:
     def clip_step_(self, step: StepGradients) -> ClipResult:
         """:meth:`clip_` for gradients whose norms were computed already (the callbacks' pipeline)."""
         if not step.grads:
-            return ClipResult(step.total, step.total, torch.full_like(step.total, math.inf), torch.ones_like(step.total))
+            total = step.total
+            return ClipResult(total, total, torch.full_like(total, math.inf), torch.ones_like(total))
         if self._device != step.device:
             self._rule.to(step.device)
             self._device = step.device
-        cap = None if self.max_norm is None or self.method == "norm" else torch.full((), self.max_norm, device=step.device)
+        capped = self.max_norm is not None and self.method != "norm"
+        cap = torch.full((), self.max_norm, device=step.device) if capped else None
         if not self._rule.per_unit:
             threshold = self._rule.threshold(step)
             if cap is not None:

@@ -19,7 +19,7 @@ from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 __all__ = [
     "StepGradients", "UnitNorms", "as_local_tensor", "full_tensor_norms", "grad_norms", "local_shards", "total_norm",
-    "unit_norms", "validate_norm_type",
+    "unit_norms", "units_of", "validate_norm_type",
 ]
 
 try:  # DTensor is public from torch 2.4 on
@@ -100,7 +100,7 @@ def full_tensor_norms(items: Sequence[Optional[Tensor]], norms: Tensor, p: float
 
 
 def grad_norms(
-    tensors: Iterable[Optional[Tensor]], norm_type: Union[float, int, str] = 2.0, *, device: Optional[torch.device] = None
+    tensors: Iterable[Optional[Tensor]], norm_type: float | int | str = 2.0, *, device: Optional[torch.device] = None
 ) -> tuple[Tensor, Tensor]:
     """Per-tensor norms and the global norm of a list of tensors (usually gradients), as float32 device tensors.
 

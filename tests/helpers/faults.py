@@ -70,7 +70,11 @@ class Faults(Callback):
         if fault is None:
             return
         # local shards under FSDP2: a fault on one rank must not start a collective the others do not join
-        grads = [as_local_tensor(p.grad) for n, p in pl_module.named_parameters() if p.grad is not None and self.layer in (None, n)]
+        grads = [
+            as_local_tensor(p.grad)
+            for n, p in pl_module.named_parameters()
+            if p.grad is not None and self.layer in (None, n)
+        ]
         with torch.no_grad():
             if isinstance(fault, str):
                 next(g for g in grads if g.numel()).view(-1)[0] = float(fault)
