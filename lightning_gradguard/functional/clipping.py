@@ -238,7 +238,7 @@ class _SafeStart:
 
 class _AutoRule(_Rule):
     """The default rule (module docstring): a spike limit relative to the run's own norms, and a cap from the first
-    plain SGD step that would move the weights by more than ``ratio`` of their norm."""
+    plain SGD step that would move a weight matrix by more than ``ratio`` times its norm."""
 
     def __init__(self, factor: float, alpha: float, ratio: float, cap: float) -> None:
         self.factor, self.alpha, self.ratio, self.cap = factor, alpha, ratio, cap
