@@ -15,8 +15,9 @@ Methods:
 - ``autoclip``: ``autoclip.torch.QuantileClip`` at its defaults, stepped in ``on_before_optimizer_step``.
 - ``candidate <name>``: the rules of ``benchmarks/candidates.py``.
 
-Judging, per set of workloads (selection, confirmation and holdout are reported separately), on the mean held-out loss over
-seeds, where a diverged seed counts as a run that learned nothing (its loss is the workload's divergence threshold):
+Judging, per set of workloads (selection, confirmation and holdout are reported separately), on the mean held-out
+loss over seeds, where a diverged seed counts as a run that learned nothing (its loss is the workload's divergence
+threshold):
 
 - healthy regret: the relative excess over ``none``; the goal on every healthy workload is no diverged seed and an
   excess of at most 2% or 0.01 absolute;
