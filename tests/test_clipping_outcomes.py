@@ -18,7 +18,7 @@ import torch
 from benchmarks import outcomes
 from benchmarks.candidates import CANDIDATES, RECOMMENDED
 
-HEALTHY, EXPLODING, BEST_CLIP_VAL = "mlp_blobs", "leverage_sgd", "clip_val=0.3"
+HEALTHY, EXPLODING, BEST_CLIP_VAL = "mlp_blobs", "deep_mlp", "clip_val=1"
 
 
 @pytest.fixture(autouse=True)
