@@ -8,7 +8,7 @@ Also measured:
 - how close the norm computation comes to the memory limit: bytes read per second by the norm against a plain
   ``copy_`` of the same bytes (which reads and writes them);
 - the time spent clipping per step inside ``Trainer.fit``: Lightning's own ``gradient_clip_val`` path against
-  ``GradientClipping`` (fixed, z-score and the default AGC);
+  ``GradientClipping`` (fixed, z-score and the default, ``"auto"``);
 - the whole-step overhead of ``GradientNormMonitor`` inside ``Trainer.fit``: the wall time spent inside its hooks
   (norms, buffering, the flushes to TensorBoard) as a share of the step time, and the median step time with /
   without it (an A/B difference that machine noise of a few percent can hide).
@@ -281,7 +281,7 @@ def fit_clipping_vs_lightning(blocks: int, width: int, steps: int, repeats: int,
         "Trainer(gradient_clip_val=1.0)": lambda: (1.0, None),
         'GradientClipping("norm", max_norm=1.0)': lambda: (None, timed(GradientClipping)("norm", max_norm=1.0)),
         'GradientClipping("zscore")': lambda: (None, timed(GradientClipping)("zscore")),
-        "GradientClipping() (AGC)": lambda: (None, timed(GradientClipping)()),
+        'GradientClipping() ("auto")': lambda: (None, timed(GradientClipping)()),
     }
     spent: dict[str, list[float]] = {name: [] for name in variants}
     with tempfile.TemporaryDirectory() as tmp:
