@@ -95,6 +95,7 @@ class ExplosionEvent:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ExplosionEvent:
+        # plain JSON values (a line read back from the file): no tensor, no device sync
         numbers = {key: math.nan if data.get(key) is None else float(data[key]) for key in _NUMBERS}
         layers = [(str(name), math.nan if norm is None else float(norm)) for name, norm in data.get("top_layers", [])]
         fields = {key: data[key] for key in ("rank", "optimizer", "global_step", "run_id", "attempt") if key in data}
